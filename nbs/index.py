@@ -1,0 +1,137 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # xgen_small
+#
+# > A literate, runnable JAX reference implementation of the xGen-small pipeline: small decoders that read long contexts.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/index.ipynb)
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %% [markdown]
+# Salesforce's xGen-small ([arXiv 2505.06496](https://arxiv.org/abs/2505.06496)) is a family of 4B
+# and 9B Transformer decoders with 128K-token context, built by one vertically integrated pipeline:
+# domain-balanced, frequency-aware data curation; multi-stage pre-training with quality annealing;
+# two-stage length extension (32K, then 128K, with over-length training to 256K); and post-training
+# by supervised fine-tuning, preference learning and online reinforcement learning.
+#
+# `xgen_small` rebuilds that pipeline in JAX, Flax NNX and Optax, one notebook per idea. Each
+# notebook explains *why*, shows small examples with their output, and asserts what it claims; the
+# same notebooks are the package (`nbdev`) and its test suite. Everything runs end to end on a
+# 2-core CPU with the `tiny` preset; the `xgen_4b` and `xgen_9b` presets are the same code on TPU pods.
+#
+# ```
+# raw shards ─▶ filters ─▶ quality ensemble ─▶ dedup ─▶ mixtures ─▶ tokenizer ─▶ packed batches
+#                                                                                      │
+#   RULER eval ◀─ online RL ◀─ preference ◀─ SFT ◀─ 32K ▶ 128K ▶ 256K ◀─ multi-phase pre-training
+#                                                   length extension    (FSDP + sequence sharding,
+#                                                                         flash / splash attention)
+# ```
+
+# %% [markdown]
+# ## Two commands
+#
+# Run the main job (today: initialise the tiny model and decode a batch with the KV cache):
+#
+# <!-- command: main -->
+# ```sh
+# pip install -e . && xgen-small demo
+# ```
+#
+# Run every test (all notebooks with `nbdev_test`, then `pytest`, with 8 simulated CPU devices):
+#
+# <!-- command: test -->
+# ```sh
+# pip install -e ".[dev]" && export XLA_FLAGS=--xla_force_host_platform_device_count=8 && nbdev_test && pytest
+# ```
+#
+# Both need Python 3.11. The second installs the pinned development tools, including CPU PyTorch
+# and `transformers`, which the parity tests use as the reference implementation.
+
+# %% [markdown]
+# ## A first look
+#
+# The decoder is Llama-shaped, so it also loads released Llama-format checkpoints
+# (`xgen_small.hf.load_hf_checkpoint`). Here, a fresh tiny model continues two prompts of token ids:
+
+# %%
+from flax import nnx
+from xgen_small.config import get_preset, num_params
+from xgen_small.model import Decoder
+from xgen_small.generate import generate, Sampling
+
+cfg = get_preset('tiny')
+model = Decoder(cfg, rngs=nnx.Rngs(0))
+out = generate(model, [[1, 2, 3], [10, 20, 30, 40, 50]], max_new_tokens=8, sampling=Sampling(temperature=0.8, top_p=0.9))
+print(f'{num_params(cfg):,} parameters; new tokens: {out.tokens}')
+
+# %%
+#| hide
+from fastcore.test import test_eq
+test_eq([len(t) for t in out.tokens], [8, 8])
+
+# %% [markdown]
+# ## The notebooks
+#
+# | notebook | module | what it teaches | status |
+# |---|---|---|---|
+# | [00_config](nbs/00_config.ipynb) | `config` | frozen model configs, presets `tiny` / `xgen_4b` / `xgen_9b`, Llama `config.json` interop | ✅ |
+# | [10_layers](nbs/10_layers.ipynb) | `layers` | RMSNorm, RoPE with configurable base and scaling, SwiGLU, logical axis names | ✅ |
+# | [11_attention](nbs/11_attention.ipynb) | `attention` | segment/position masks, reference grouped-query attention, the `attention` entry point | ✅ (Pallas flash, splash, blockwise: issue 5) |
+# | [12_model](nbs/12_model.ipynb) | `model` | the decoder, layer scan and remat, KV cache, parameter counts | ✅ |
+# | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
+# | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |
+# | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command | ✅ (more subcommands with each stage) |
+# | 01-04 data, 05 tokenizer, 06 loader | | curation, sentencepiece, packing | issues 3, 4 |
+# | 13 sharding, 14 schedules, 15 train | | FSDP + sequence sharding, multi-phase LR, training | issue 6 |
+# | 20 long context, 30 eval | | length extension, RULER-style evaluation | issue 7 |
+# | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |
+# | 40 pipeline | | the whole run, docs site, benchmark report | issue 9 |
+#
+# ## What the report says and what we chose
+#
+# The report does not publish layer counts, widths, vocabulary, RoPE bases, learning rates, mixture
+# weights or its RL algorithm. Where it is silent, we choose, say so in the notebook, and keep the
+# choice configurable: Llama-style blocks (RMSNorm, RoPE, GQA, SwiGLU) because the released
+# checkpoints are Llama-format; 4B/9B shapes whose parameter counts are asserted within 5% of the
+# names (4.03B and 8.93B); a 2^17-entry vocabulary.
+#
+# ## Developing
+#
+# Notebooks in `nbs/` are the source; `xgen_small/` is generated (`nbdev_export`) and never edited by
+# hand. Each notebook is paired with a percent-format script (`nbs/*.py`, see `jupytext.toml`): edit
+# the script, then
+#
+# ```sh
+# python tools/nbtool.py sync      # .py -> .ipynb (jupytext --sync)
+# python tools/nbtool.py run NB    # execute in place so readers see a CPU run's outputs, then nbdev_clean
+# nbdev_export                     # regenerate the package
+# python tools/nbtool.py readme    # regenerate this README from nbs/index.ipynb
+# ```
+#
+# `bash .ci/run` is what CI runs on a clean machine: a fresh virtual environment, the checks that
+# the package, the notebooks, their scripts and this README agree, then the test command above.
+# (`nbdev_readme` and `nbdev_docs` need Quarto, which cannot be installed from PyPI; they stay
+# configured for those who have it, and `tools/nbtool.py readme` does the README without it.)
+# Benchmarks live in `benchmarks/` and print our numbers next to a reference implementation's,
+# measured in the same run.

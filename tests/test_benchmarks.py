@@ -1,0 +1,17 @@
+"""Smoke runs of the benchmark scripts, so they cannot rot (their numbers are not asserted here)."""
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_benchmark_quick():
+    rows = _load('decode').main(['--quick'])
+    assert rows and all(r['ours'] > 0 and r['hf'] > 0 for r in rows)
+    assert all(r['same'] == 1.0 for r in rows)  # greedy decoding agrees with transformers token for token

@@ -1,0 +1,125 @@
+"""Notebook chores for xgen_small developers and CI.
+
+    python tools/nbtool.py sync [NB...]      # .py (percent) -> .ipynb, keeping outputs (jupytext --sync)
+    python tools/nbtool.py run NB...         # execute notebooks in place (outputs of a CPU run), then clean
+    python tools/nbtool.py check-pairs       # fail when an .ipynb and its .py disagree (CI)
+    python tools/nbtool.py readme [--check]  # README.md from nbs/index.ipynb (quarto-free nbdev_readme)
+    python tools/nbtool.py command main|test # print one of README's two commands (CI runs the test one)
+
+Notebooks are executed with 8 host CPU devices, as in CI, so multi-device examples show real meshes.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT / 'nbs'
+XLA_FLAGS = '--xla_force_host_platform_device_count=8'
+
+
+def _notebooks(names):
+    if not names: return sorted(NBS.glob('*.ipynb'))
+    return [Path(n) if Path(n).exists() else NBS / n for n in names]
+
+
+def _cells(nb):
+    "(cell_type, source) pairs: what a notebook and its paired script must agree on."
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def check_pairs() -> int:
+    import jupytext
+    bad = []
+    ipynbs = {p.stem for p in NBS.glob('*.ipynb')}
+    scripts = {p.stem for p in NBS.glob('*.py')}
+    for stem in sorted(ipynbs ^ scripts): bad.append(f'{stem}: one side of the pair is missing')
+    for stem in sorted(ipynbs & scripts):
+        a, b = jupytext.read(NBS / f'{stem}.ipynb'), jupytext.read(NBS / f'{stem}.py')
+        if _cells(a) != _cells(b): bad.append(f'{stem}: .ipynb and .py disagree (run: python tools/nbtool.py sync)')
+    for line in bad: print('check-pairs:', line, file=sys.stderr)
+    if not bad: print(f'check-pairs: {len(ipynbs)} notebook pairs agree')
+    return 1 if bad else 0
+
+
+def sync(names) -> int:
+    scripts = [NBS / (Path(n).stem + '.py') for n in names] if names else sorted(NBS.glob('*.py'))
+    return subprocess.call(['jupytext', '--sync', *map(str, scripts)])
+
+
+def run(names) -> int:
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS)
+    for nb in _notebooks(names):
+        print(f'executing {nb.name}', flush=True)
+        code = ('from execnb.shell import CaptureShell\n'
+                f'sh = CaptureShell(); sh.execute({str(nb)!r}, {str(nb)!r}, exc_stop=True)')
+        if subprocess.call([sys.executable, '-c', code], env=env, cwd=NBS): return 1
+    return subprocess.call(['nbdev_clean'], cwd=ROOT)
+
+
+def _output_text(o):
+    if o.get('output_type') == 'stream': return ''.join(o['text'])
+    data = o.get('data', {})
+    if 'text/markdown' in data: return None  # rendered inline below
+    if 'text/plain' in data and not any(k.startswith('image/') for k in data): return ''.join(data['text/plain'])
+    return ''
+
+
+def readme_text() -> str:
+    nb = json.loads((NBS / 'index.ipynb').read_text())
+    parts = []
+    for c in nb['cells']:
+        src = ''.join(c['source'])
+        if c['cell_type'] == 'markdown': parts.append(src.strip()); continue
+        if re.search(r'^#\|\s*(hide|exporti?)\b', src, re.M): continue
+        code = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip()
+        if code: parts.append(f'```python\n{code}\n```')
+        for o in c.get('outputs', []):
+            if o.get('output_type') == 'display_data' or o.get('output_type') == 'execute_result':
+                md = o.get('data', {}).get('text/markdown')
+                if md: parts.append(''.join(md).strip()); continue
+            txt = _output_text(o)
+            if txt and txt.strip(): parts.append(f'```\n{txt.rstrip()}\n```')
+    return ('<!-- Generated from nbs/index.ipynb by tools/nbtool.py readme; edit the notebook, not this file. -->\n\n'
+            + '\n\n'.join(parts) + '\n')
+
+
+def readme(check: bool) -> int:
+    path, new = ROOT / 'README.md', readme_text()
+    if check:
+        if not path.exists() or path.read_text() != new:
+            print('README.md is not up to date with nbs/index.ipynb (run: python tools/nbtool.py readme)', file=sys.stderr)
+            return 1
+        print('README.md matches nbs/index.ipynb'); return 0
+    path.write_text(new); print('wrote README.md'); return 0
+
+
+def command(which: str) -> str:
+    "The shell command in README's fenced block that follows the `<!-- command: which -->` marker."
+    text = (ROOT / 'README.md').read_text()
+    m = re.search(rf'<!-- command: {which} -->\s*```(?:sh|bash)?\n(.+?)\n```', text, re.S)
+    if not m: raise SystemExit(f'README.md has no "<!-- command: {which} -->" block')
+    return m.group(1).strip()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest='cmd', required=True)
+    sub.add_parser('check-pairs')
+    s = sub.add_parser('sync'); s.add_argument('names', nargs='*')
+    r = sub.add_parser('run'); r.add_argument('names', nargs='*')
+    m = sub.add_parser('readme'); m.add_argument('--check', action='store_true')
+    c = sub.add_parser('command'); c.add_argument('which', choices=['main', 'test'])
+    a = p.parse_args(argv)
+    if a.cmd == 'check-pairs': return check_pairs()
+    if a.cmd == 'sync': return sync(a.names)
+    if a.cmd == 'run': return run(a.names)
+    if a.cmd == 'readme': return readme(a.check)
+    if a.cmd == 'command': print(command(a.which)); return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
