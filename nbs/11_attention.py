@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail

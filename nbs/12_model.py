@@ -44,12 +44,13 @@ import numpy as np
 from flax import nnx
 
 from xgen_small.attention import attention
-from xgen_small.config import ModelConfig, get_preset, num_params, param_counts
+from xgen_small.config import ModelConfig
 from xgen_small.layers import MLP, RMSNorm, Rope, constrain, logical_param
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
 import time
+from xgen_small.config import get_preset, num_params
 
 
 # %% [markdown]

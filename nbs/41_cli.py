@@ -36,7 +36,6 @@ if 'google.colab' in sys.modules:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 import typing

@@ -1,6 +1,5 @@
 """The `xgen-small` console script, run as a user would run it."""
 import subprocess
-import sys
 
 
 def _run(*args):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # %% auto #0
 __all__ = ['IMPLEMENTATIONS', 'attention_mask', 'attention_reference', 'resolve_impl', 'attention']

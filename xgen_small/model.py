@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import attention
-from .config import ModelConfig, get_preset, num_params, param_counts
+from .config import ModelConfig
 from .layers import MLP, RMSNorm, Rope, constrain, logical_param
 
 # %% auto #0
