@@ -54,8 +54,9 @@ def run(names) -> int:
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS)
     for nb in _notebooks(names):
         print(f'executing {nb.name}', flush=True)
-        code = ('from execnb.shell import CaptureShell\n'
-                f'sh = CaptureShell(); sh.execute({str(nb)!r}, {str(nb)!r}, exc_stop=True)')
+        code = ('import re\nfrom execnb.shell import CaptureShell\n'
+                'skip = lambda c: bool(re.search(r"^#\\|\\s*eval:\\s*false", c.source, re.M))  # as nbdev_test does\n'
+                f'sh = CaptureShell(); sh.execute({str(nb)!r}, {str(nb)!r}, exc_stop=True, preproc=skip)')
         if subprocess.call([sys.executable, '-c', code], env=env, cwd=NBS): return 1
     return subprocess.call(['nbdev_clean'], cwd=ROOT)
 
