@@ -244,7 +244,7 @@ def math_junk(rng: random.Random) -> list[dict]:
 # %% ../../nbs/01_data_sample.ipynb #ccfe0656
 def _near_copy(text: str, rng: random.Random, vocab: list[str]) -> str:
     lines = text.split('\n')
-    rate = rng.uniform(0.02, 0.05)
+    rate = rng.uniform(0.01, 0.03)
     out = []
     for line in lines:
         ws = line.split(' ')

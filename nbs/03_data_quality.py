@@ -1,0 +1,465 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Quality classifiers
+#
+# > The report's two-stage quality assessment: a cheap hashed n-gram classifier over every document, then an ensemble of diverse scorers over what the first stage keeps, combined into one score.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/03_data_quality.ipynb)
+
+# %%
+#| default_exp data.quality
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %%
+#| export
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from xgen_small.data.filters import GOPHER_STOP_WORDS, default_filters
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+import tempfile, time
+from xgen_small.data.sample import load_sample
+
+# %% [markdown]
+# Heuristics remove what a rule can see. What is left still contains text that no rule catches:
+# word salad made of real words, grammatical filler with nothing to say, real sentences glued together
+# from unrelated pages. The xGen-small report follows the heuristics with "a two-stage quality
+# assessment using classifier ensembles". The reason for two stages is cost: at web scale, the first
+# stage must be nearly free per document, and the expensive scorers should only see the documents
+# the cheap one did not already reject.
+#
+# - **Stage 1**: logistic regression on hashed word uni- and bigrams (the fastText-style
+#   classifier of GPT-3's and DCLM's filters, without fastText). It runs on every document and
+#   rejects only what it is confident about.
+# - **Stage 2**: three scorers that look at text differently, so that their errors are not the same
+#   errors: a logistic regression on hashed *character* n-grams; a word trigram language model trained on
+#   high-quality text (CCNet's perplexity filter, in miniature); and a tiny JAX MLP over a dozen
+#   document statistics, including how well the two halves of a document agree in vocabulary. A
+#   logistic *stacker* fitted on a validation split combines their scores into one.
+#
+# The labels are the sample corpus's: planted gibberish, filler and shuffled pages are low quality,
+# real documents are high quality. Train, validation and test splits are made by hashing each
+# document's duplicate group, so that a document and its near-copies never sit on both sides.
+
+# %% [markdown]
+# ## Features: hashed n-grams
+#
+# Hashing n-grams into a fixed number of buckets (the "hashing trick") needs no vocabulary, handles
+# any text, and makes a feature vector of fixed size. We use CRC-32, which is deterministic across
+# processes (Python's `hash` is not), take `log(1 + count)` and normalise each document's vector to
+# unit length, so that long documents do not dominate.
+
+# %%
+#| export
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
+
+def tokens(text: str) -> list[str]:
+    "Lower-cased word and punctuation tokens."
+    return _TOKEN.findall(text.lower())
+
+def _hashed(grams: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not grams: return np.zeros(0, np.int32), np.zeros(0, np.float32)
+    idx = np.fromiter((zlib.crc32(g.encode()) % dim for g in grams), np.int64, len(grams))
+    uniq, counts = np.unique(idx, return_counts=True)
+    val = np.log1p(counts).astype(np.float32)
+    return uniq.astype(np.int32), val / np.linalg.norm(val)
+
+def word_ngram_features(text: str, domain: str = '', dim: int = 2**18, n: int = 2):
+    "Hashed word 1..n-grams (plus a domain marker): sparse (indices, values)."
+    t = tokens(text)
+    grams = [' '.join(t[i:i + k]) for k in range(1, n + 1) for i in range(len(t) - k + 1)] + [f'__domain={domain}']
+    return _hashed(grams, dim)
+
+def char_ngram_features(text: str, domain: str = '', dim: int = 2**18, ns=(3, 4, 5), max_chars: int = 8_000):
+    "Hashed character n-grams of the lower-cased, whitespace-collapsed text."
+    t = ' '.join(text.lower().split())[:max_chars]
+    grams = [t[i:i + k] for k in ns for i in range(len(t) - k + 1)] + [f'__domain={domain}']
+    return _hashed(grams, dim)
+
+# %% [markdown]
+# ## Sparse logistic regression in JAX
+#
+# With a few thousand documents and 2^18 buckets, a dense design matrix would be gigabytes. We keep
+# the batch as coordinate lists (document, bucket, value): a document's logit is a `segment_sum` of
+# its buckets' weights. Training is full-batch Adam on the class-balanced log loss with an L2
+# penalty, compiled once.
+
+# %%
+#| export
+def _coo(rows):
+    doc = np.concatenate([np.full(len(i), r, np.int32) for r, (i, _) in enumerate(rows)])
+    idx = np.concatenate([i for i, _ in rows]); val = np.concatenate([v for _, v in rows])
+    return jnp.asarray(doc), jnp.asarray(idx), jnp.asarray(val)
+
+def _balanced_weights(y: np.ndarray) -> np.ndarray:
+    pos = max(y.mean(), 1e-6)
+    return np.where(y == 1, 0.5 / pos, 0.5 / max(1 - pos, 1e-6)).astype(np.float32)
+
+@dataclass
+class SparseLogReg:
+    "Logistic regression over hashed sparse features; `w`, `b` are numpy arrays once fitted."
+    dim: int = 2**18
+    l2: float = 1e-5
+    steps: int = 200
+    lr: float = 0.05
+    w: np.ndarray | None = None
+    b: float = 0.0
+
+    def fit(self, rows, y) -> SparseLogReg:
+        doc, idx, val = _coo(rows)
+        y = jnp.asarray(y, jnp.float32); sw = jnp.asarray(_balanced_weights(np.asarray(y)))
+        n = len(rows)
+        def loss(p):
+            logits = jax.ops.segment_sum(p['w'][idx] * val, doc, num_segments=n) + p['b']
+            return jnp.sum(sw * optax.sigmoid_binary_cross_entropy(logits, y)) / n + self.l2 * jnp.sum(p['w'] ** 2)
+        opt = optax.adam(self.lr)
+        @jax.jit
+        def train(p):
+            def step(carry, _):
+                p, s = carry
+                g = jax.grad(loss)(p)
+                u, s = opt.update(g, s, p)
+                return (optax.apply_updates(p, u), s), None
+            return jax.lax.scan(step, (p, opt.init(p)), None, length=self.steps)[0][0]
+        p = train({'w': jnp.zeros(self.dim), 'b': jnp.zeros(())})
+        self.w, self.b = np.asarray(p['w']), float(p['b'])
+        return self
+
+    def predict_proba(self, rows) -> np.ndarray:
+        "Probability of the positive (high-quality) class for each row."
+        if self.w is None: raise RuntimeError("SparseLogReg is not fitted")
+        logits = np.array([float(self.w[i] @ v) for i, v in rows]) + self.b
+        return 1 / (1 + np.exp(-logits))
+
+# %% [markdown]
+# ## A word trigram language model
+#
+# CCNet (Wenzek et al., 2019) scores web text by its perplexity under a language model trained on
+# Wikipedia: text that reads like the reference gets low perplexity. Ours is a word trigram model
+# with interpolated absolute discounting (Ney et al., 1994) trained on the training split's
+# high-quality documents. Word salad from a *bigram* chain is locally plausible pair by pair, but
+# its trigrams are mostly unseen, so a trigram model finds it surprising. We score a document by the
+# trigram model's mean log-probability *minus* a unigram model's: that measures how predictable the
+# word order is, and does not punish a document merely for rare words (code identifiers, jargon).
+
+# %%
+#| export
+@dataclass
+class TrigramLM:
+    "Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram model."
+    discount: float = 0.75
+    max_tokens: int = 5000
+
+    def fit(self, texts) -> TrigramLM:
+        self.c1, self.c2, self.c3 = Counter(), Counter(), Counter()
+        for t in texts:
+            ws = ['<s>', '<s>'] + tokens(t)[:self.max_tokens]
+            self.c1.update(ws[2:]); self.c2.update(zip(ws[1:], ws[2:])); self.c3.update(zip(ws, ws[1:], ws[2:]))
+        self.n = sum(self.c1.values()); self.v = len(self.c1) + 1
+        self.ctx1, self.fan1 = Counter(), Counter()          # count and distinct continuations of each context word
+        for (a, b), c in self.c2.items(): self.ctx1[a] += c; self.fan1[a] += 1
+        self.ctx2, self.fan2 = Counter(), Counter()
+        for (a, b, c_), c in self.c3.items(): self.ctx2[(a, b)] += c; self.fan2[(a, b)] += 1
+        return self
+
+    def logprob(self, a: str, b: str, w: str) -> tuple[float, float]:
+        "log p(w | a b) and, for reference, the unigram log p(w)."
+        d = self.discount
+        p = p1 = (self.c1[w] + 1) / (self.n + self.v)                                # add-one unigram floor
+        if self.ctx1[b]: p = max(self.c2[(b, w)] - d, 0) / self.ctx1[b] + d * self.fan1[b] / self.ctx1[b] * p
+        if self.ctx2[(a, b)]: p = max(self.c3[(a, b, w)] - d, 0) / self.ctx2[(a, b)] + d * self.fan2[(a, b)] / self.ctx2[(a, b)] * p
+        return math.log(p), math.log(p1)
+
+    def score(self, text: str) -> float:
+        """Mean per-token gain of the trigram over the unigram model: how much the word *order* is
+        predictable, independently of how rare the vocabulary is (technical words, code identifiers)."""
+        ws = ['<s>', '<s>'] + tokens(text)[:self.max_tokens]
+        if len(ws) == 2: return 0.0
+        return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (len(ws) - 2)
+
+# %% [markdown]
+# ## Document statistics and a tiny MLP
+#
+# Twelve numbers per document: length, mean word length, stop-word, punctuation, digit and
+# upper-case ratios, type-token ratio, lines ending in punctuation, the trigram LM's score, and the
+# *coherence* of the document: cosine similarity between the word counts of its first and second
+# halves. Real documents talk about one thing throughout; sentences shuffled in from unrelated pages
+# do not. The MLP (one hidden layer of 32, Flax NNX) learns how these combine.
+
+# %%
+#| export
+def doc_stats(text: str, lm: TrigramLM) -> np.ndarray:
+    "A dozen statistics of a document (see the notebook for the list)."
+    t = tokens(text); words = [w for w in t if w[0].isalnum()]
+    n = max(len(words), 1)
+    half = len(words) // 2
+    a, b = Counter(words[:half]), Counter(words[half:])
+    cos = sum(a[k] * b[k] for k in a) / (math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values())) or 1.0)
+    lines = [l for l in text.splitlines() if l.strip()] or ['']
+    letters = [c for c in text if c.isalpha()] or ['a']
+    return np.array([
+        math.log1p(len(words)), sum(map(len, words)) / n, sum(w in GOPHER_STOP_WORDS for w in words) / n,
+        (len(t) - len(words)) / max(len(t), 1), sum(c.isdigit() for c in text) / max(len(text), 1),
+        sum(c.isupper() for c in letters) / len(letters), len(set(words)) / n,
+        len(set(words[:200])) / max(min(len(words), 200), 1), sum(l.rstrip().endswith(('.', '!', '?', ':')) for l in lines) / len(lines),
+        lm.score(text), cos, math.log1p(len(lines))], np.float32)
+
+class TinyMLP(nnx.Module):
+    "Features -> 32 hidden units (GELU) -> one logit."
+    def __init__(self, n_in: int, *, rngs: nnx.Rngs, hidden: int = 32):
+        self.l1 = nnx.Linear(n_in, hidden, rngs=rngs); self.l2 = nnx.Linear(hidden, 1, rngs=rngs)
+    def __call__(self, x): return self.l2(jax.nn.gelu(self.l1(x)))[:, 0]
+
+def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 600, lr: float = 3e-3) -> TinyMLP:
+    "Class-balanced training of a `TinyMLP` on standardised features (full batch, AdamW)."
+    model = TinyMLP(x.shape[1], rngs=nnx.Rngs(seed))
+    opt = nnx.Optimizer(model, optax.adamw(lr, weight_decay=1e-3), wrt=nnx.Param)
+    x, y, sw = jnp.asarray(x), jnp.asarray(y, jnp.float32), jnp.asarray(_balanced_weights(y))
+    @nnx.jit
+    def step(model, opt):
+        loss, g = nnx.value_and_grad(lambda m: jnp.mean(sw * optax.sigmoid_binary_cross_entropy(m(x), y)))(model)
+        opt.update(model, g)
+        return loss
+    for _ in range(steps): step(model, opt)
+    return model
+
+# %% [markdown]
+# ## The two-stage ensemble
+#
+# `QualityModel` holds the fitted parts and the decision thresholds, which are configurable per
+# domain: stage 1 rejects below `stage1_threshold` (set low: it should only reject what it is sure
+# of), stage 2 rejects below `threshold`. `classify` returns, per document, the final score and
+# either `None` or the reason tag `quality.stage1` / `quality.stage2`.
+
+# %%
+#| export
+def _logit(p): p = np.clip(p, 1e-6, 1 - 1e-6); return np.log(p / (1 - p))
+
+@dataclass
+class QualityModel:
+    "Two-stage quality classifier: stage-1 word n-gram LR, stage-2 ensemble (char LR, trigram LM, MLP) + stacker."
+    stage1: SparseLogReg
+    char_lr: SparseLogReg
+    lm: TrigramLM
+    mlp: TinyMLP
+    stats_mean: np.ndarray
+    stats_std: np.ndarray
+    stacker: np.ndarray                       # weights for [char LR, MLP, LM z-score, stage 1] logits, then bias
+    stage1_threshold: dict = field(default_factory=lambda: {'default': 0.1})
+    threshold: dict = field(default_factory=lambda: {'default': 0.5})
+
+    def _t(self, table: dict, domain: str) -> float: return table.get(domain, table['default'])
+
+    def stage1_scores(self, docs) -> np.ndarray:
+        return self.stage1.predict_proba([word_ngram_features(d['text'], d['domain']) for d in docs])
+
+    def stage2_components(self, docs) -> np.ndarray:
+        "Per document: logits of the char LR, the MLP, and the LM score standardised (columns in stacker order)."
+        char = _logit(self.char_lr.predict_proba([char_ngram_features(d['text'], d['domain']) for d in docs]))
+        stats = np.stack([doc_stats(d['text'], self.lm) for d in docs])
+        mlp = np.asarray(self.mlp(jnp.asarray((stats - self.stats_mean) / self.stats_std)))
+        lm = (stats[:, 9] - self.stats_mean[9]) / self.stats_std[9]
+        return np.stack([char, mlp, lm], axis=1)
+
+    def stage2_scores(self, docs, s1: np.ndarray) -> np.ndarray:
+        z = np.concatenate([self.stage2_components(docs), _logit(s1)[:, None]], axis=1) @ self.stacker[:-1] + self.stacker[-1]
+        return 1 / (1 + np.exp(-z))
+
+    def classify(self, docs) -> list[tuple[float, str | None]]:
+        "(score, reason or None) per document; stage 2 runs only on documents stage 1 keeps."
+        s1 = self.stage1_scores(docs)
+        out = [(float(p), 'quality.stage1') for p in s1]
+        keep = [i for i, d in enumerate(docs) if s1[i] >= self._t(self.stage1_threshold, d['domain'])]
+        if keep:
+            s2 = self.stage2_scores([docs[i] for i in keep], s1[keep])
+            for i, p in zip(keep, s2):
+                out[i] = (float(p), None if p >= self._t(self.threshold, docs[i]['domain']) else 'quality.stage2')
+        return out
+
+# %% [markdown]
+# ## Training
+#
+# `train_quality` fits everything from labelled documents: stage 1 and the character model on the
+# training split; the language model on the training split's high-quality text; the MLP on the
+# training split's statistics; and the stacker on the *validation* split, where the components'
+# scores are honest (not fitted to the same documents).
+
+# %%
+#| export
+def split_of(doc: dict, val: int = 2, test: int = 2) -> str:
+    "'train', 'val' or 'test', by hashing the duplicate group (or id) into ten buckets."
+    key = doc['meta'].get('dup_group'); key = f'group-{key}' if key is not None else doc['id']
+    b = zlib.crc32(key.encode()) % 10
+    return 'test' if b < test else 'val' if b < test + val else 'train'
+
+def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel:
+    "Fit a `QualityModel` on documents with `meta.quality` in {'high', 'low'} (split by `split_of`)."
+    train = [d for d in docs if split_of(d) == 'train']; val = [d for d in docs if split_of(d) == 'val']
+    for name, part in (('train', train), ('validation', val)):
+        labels = {d['meta']['quality'] for d in part}
+        if labels != {'high', 'low'}: raise ValueError(f"the {name} split needs both 'high' and 'low' documents, has {sorted(labels)}")
+    y = lambda part: np.array([d['meta']['quality'] == 'high' for d in part], np.float32)
+    stage1 = SparseLogReg().fit([word_ngram_features(d['text'], d['domain']) for d in train], y(train))
+    char_lr = SparseLogReg().fit([char_ngram_features(d['text'], d['domain']) for d in train], y(train))
+    lm = TrigramLM().fit(d['text'] for d in train if d['meta']['quality'] == 'high')
+    stats = np.stack([doc_stats(d['text'], lm) for d in train])
+    mean, std = stats.mean(0), stats.std(0) + 1e-6
+    mlp = fit_mlp((stats - mean) / std, y(train), seed=seed)
+    model = QualityModel(stage1, char_lr, lm, mlp, mean, std, np.zeros(5, np.float32), **thresholds)
+    # stacker: logistic regression on the validation split's component scores
+    xv = np.concatenate([model.stage2_components(val), _logit(model.stage1_scores(val))[:, None]], axis=1)
+    yv, sw = jnp.asarray(y(val)), jnp.asarray(_balanced_weights(y(val)))
+    loss = lambda p: jnp.mean(sw * optax.sigmoid_binary_cross_entropy(jnp.asarray(xv) @ p[:-1] + p[-1], yv)) + 1e-3 * jnp.sum(p[:-1] ** 2)
+    p, opt = jnp.zeros(xv.shape[1] + 1), optax.adam(0.05)
+    s = opt.init(p)
+    for _ in range(500): u, s = opt.update(jax.grad(loss)(p), s); p = optax.apply_updates(p, u)
+    model.stacker = np.asarray(p)
+    return model
+
+# %% [markdown]
+# ## On the sample corpus
+#
+# The classifiers see what the heuristic filters (notebook 02) keep: that is where they work in the
+# pipeline, and it is where the hard cases are.
+
+# %%
+docs = load_sample()
+chain = default_filters()
+survivors = [d for d in docs if chain(d['text'], d['domain']) is None]
+print(f'{len(survivors):,} of {len(docs):,} documents survive the heuristics:',
+      dict(Counter(d['meta']['label'] for d in survivors)))
+t0 = time.perf_counter()
+qm = train_quality(survivors)
+print(f'trained in {time.perf_counter() - t0:.1f}s; stacker weights [char LR, MLP, LM, stage 1, bias]: {qm.stacker.round(2)}')
+
+# %% [markdown]
+# Held-out test split: how well does each part, and the two-stage pipeline, separate the classes?
+# *Junk recall* is the share of low-quality documents removed; *junk precision* the share of removed
+# documents that really were low quality (one minus it is the good text thrown away).
+
+# %%
+test = [d for d in survivors if split_of(d) == 'test']
+y_low = np.array([d['meta']['quality'] == 'low' for d in test])
+s1 = qm.stage1_scores(test)
+comp = qm.stage2_components(test)
+final = qm.classify(test)
+def pr(dropped):
+    dropped = np.asarray(dropped, bool); tp = (dropped & y_low).sum()
+    return tp / max(dropped.sum(), 1), tp / max(y_low.sum(), 1)
+rows = {'stage 1 alone (p < 0.5)': s1 < 0.5, 'char n-gram LR alone': comp[:, 0] < 0, 'MLP alone': comp[:, 1] < 0,
+        'trigram LM alone (z < -1)': comp[:, 2] < -1, 'two-stage ensemble': [r is not None for _, r in final]}
+print(f'test split: {len(test)} documents, {y_low.sum()} low quality\n')
+print(f"{'scorer':28}{'junk precision':>16}{'junk recall':>13}")
+for name, dropped in rows.items():
+    p, r = pr(dropped); print(f'{name:28}{p:>16.1%}{r:>13.1%}')
+n_stage2 = sum(s >= qm.stage1_threshold['default'] for s in s1)
+print(f'\nstage 2 scored {n_stage2} of {len(test)} documents; stage 1 rejected {len(test) - n_stage2} on its own')
+
+# %%
+p, r = pr([r is not None for _, r in final])
+test_eq(p >= 0.9 and r >= 0.9, True)
+by_label = Counter((d['meta']['label'], reason) for d, (_, reason) in zip(test, final))
+by_label
+
+# %% [markdown]
+# Thresholds are per domain: a domain whose text the classifiers were not trained to judge can be
+# waved through (`threshold={'code': 0.0}`) or held to a stricter bar, without retraining.
+
+# %%
+strict = QualityModel(**{**qm.__dict__, 'threshold': {'default': 0.5, 'web': 0.95}})
+n_web = lambda m: sum(r is not None for d, (_, r) in zip(test, m.classify(test)) if d['domain'] == 'web')
+n_web(qm), n_web(strict)
+
+# %%
+test_eq(n_web(strict) >= n_web(qm), True)
+test_fail(lambda: train_quality([d for d in survivors if d['meta']['quality'] == 'high'][:50]), contains="both 'high' and 'low'")
+
+# %% [markdown]
+# ## Saving and loading
+#
+# The curation pipeline (notebook 06) trains a model once and ships it to worker processes, so it
+# round-trips through one `.npz` file (arrays) with the small pieces as JSON inside it.
+
+# %%
+#| export
+def save_quality_model(model: QualityModel, path) -> Path:
+    "Write `model` to one `.npz` file."
+    path = Path(path)
+    g, mlp_state = nnx.split(model.mlp)
+    flat = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(mlp_state)}
+    lm = model.lm
+    meta = dict(stage1_threshold=model.stage1_threshold, threshold=model.threshold, discount=lm.discount, max_tokens=lm.max_tokens,
+                n_in=int(model.stats_mean.shape[0]), dims=[model.stage1.dim, model.char_lr.dim],
+                b=[model.stage1.b, model.char_lr.b],
+                c1=list(lm.c1.items()), c2=[[*k, v] for k, v in lm.c2.items()], c3=[[*k, v] for k, v in lm.c3.items()])
+    np.savez_compressed(path, stage1_w=model.stage1.w, char_w=model.char_lr.w, stats_mean=model.stats_mean,
+                        stats_std=model.stats_std, stacker=model.stacker, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                        **{f'mlp/{k}': v for k, v in flat.items()})
+    return path
+
+def load_quality_model(path) -> QualityModel:
+    "Read a model written by `save_quality_model`."
+    z = np.load(path)
+    meta = json.loads(z['meta'].tobytes())
+    lm = TrigramLM(meta['discount'], meta['max_tokens'])
+    lm.c1 = Counter(dict(meta['c1'])); lm.c2 = Counter({(a, b): c for a, b, c in meta['c2']})
+    lm.c3 = Counter({(a, b, c_): c for a, b, c_, c in meta['c3']})
+    lm.n = sum(lm.c1.values()); lm.v = len(lm.c1) + 1
+    lm.ctx1, lm.fan1, lm.ctx2, lm.fan2 = Counter(), Counter(), Counter(), Counter()
+    for (a, b), c in lm.c2.items(): lm.ctx1[a] += c; lm.fan1[a] += 1
+    for (a, b, _), c in lm.c3.items(): lm.ctx2[(a, b)] += c; lm.fan2[(a, b)] += 1
+    mlp = TinyMLP(meta['n_in'], rngs=nnx.Rngs(0))
+    g, state = nnx.split(mlp)
+    flat = [(k, v.replace(jnp.asarray(z['mlp/' + '/'.join(map(str, k))]))) for k, v in nnx.to_flat_state(state)]
+    mlp = nnx.merge(g, nnx.from_flat_state(flat))
+    s1 = SparseLogReg(dim=meta['dims'][0], w=z['stage1_w'], b=meta['b'][0])
+    ch = SparseLogReg(dim=meta['dims'][1], w=z['char_w'], b=meta['b'][1])
+    return QualityModel(s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'], meta['threshold'])
+
+# %%
+path = save_quality_model(qm, Path(tempfile.mkdtemp()) / 'quality.npz')
+qm2 = load_quality_model(path)
+print(f'{path.stat().st_size / 1e6:.1f} MB')
+test_eq([r for _, r in qm2.classify(test)], [r for _, r in final])
+test_close(np.array([s for s, _ in qm2.classify(test)]), np.array([s for s, _ in final]), eps=1e-5)
+
+# %%
+#| hide
+#| eval: false
+import nbdev; nbdev.nbdev_export()
