@@ -108,6 +108,7 @@ def split_words(text: str) -> list[str]:
         out.extend(pre + core + suf[::-1])
     return out
 
+
 # %%
 split_words("Don't stop-believing, Mr. Smith... it's 3.5% e.g. U.S.A. (see http://x.org/a?b=1) 10km")
 
@@ -131,6 +132,7 @@ class TextStats:
     def paragraphs(self) -> list[str]: return re.split(r'\n{2,}', self.text.strip())
 
 def _stats(doc) -> TextStats: return doc if isinstance(doc, TextStats) else TextStats(doc)
+
 
 # %% [markdown]
 # ## Gopher quality rules
@@ -193,6 +195,7 @@ def gopher_quality(doc, **thresholds) -> str | None:
     "All Gopher quality rules in order; `thresholds` go to the rule that takes them (e.g. `min_words=20`)."
     return first_failure(doc, [_bind(f, thresholds) for f in GOPHER_QUALITY])
 
+
 # %% [markdown]
 # `_bind` routes each keyword to the rule that declares it, and `first_failure` runs a chain:
 
@@ -211,6 +214,7 @@ def first_failure(doc, filters) -> str | None:
         reason = f(s)
         if reason: return reason
     return None
+
 
 # %% [markdown]
 # ## Gopher repetition rules
@@ -275,6 +279,7 @@ def gopher_repetition(doc, **thresholds) -> str | None:
     if not _stats(doc).text: return 'empty'
     return first_failure(doc, [_bind(f, thresholds) for f in GOPHER_REPETITION])
 
+
 # %% [markdown]
 # ## C4 and FineWeb line rules, boilerplate, spam
 #
@@ -331,6 +336,7 @@ def spam_signals(doc, *, max_upper: float = 0.3, max_urls_per_100_words: float =
     if len(content) >= 50 and Counter(content).most_common(1)[0][1] / len(content) > max_top_word: return 'spam.keyword_stuffing'
     return None
 
+
 # %% [markdown]
 # ## Code is not judged by prose rules
 #
@@ -374,6 +380,7 @@ def code_min_lines(doc, *, min_lines: int = 5) -> str | None:
     "Fewer than `min_lines` non-empty lines."
     return 'code.too_short' if len(_stats(doc).nonempty_lines) < min_lines else None
 
+
 # %% [markdown]
 # ## Math
 #
@@ -392,6 +399,7 @@ def math_symbol_soup(doc, *, min_word_tokens: float = 0.2) -> str | None:
 def math_min_words(doc, *, min_words: int = 20) -> str | None:
     "Fewer than `min_words` words."
     return 'math.too_short' if len(_stats(doc).text.split()) < min_words else None
+
 
 # %% [markdown]
 # ## Chains per domain
@@ -434,6 +442,7 @@ def default_filters(**overrides) -> FilterChain:
     if unknown: raise KeyError(f"unknown filter(s) {sorted(unknown)}; known: {sorted(known)}")
     bind = lambda fs: [partial(f, **overrides[f.__name__]) if f.__name__ in overrides else f for f in fs]
     return FilterChain({'web': bind(web), 'prose': bind(prose), 'code': bind(code), 'math': bind(math)})
+
 
 # %% [markdown]
 # ## What the filters do to the sample corpus

@@ -51,6 +51,7 @@ import time
 from collections import Counter
 from xgen_small.data.sample import load_sample
 
+
 # %% [markdown]
 # The report removes duplicates with "exact hashing and fuzzy fingerprinting". Duplicates hurt twice:
 # they waste compute on text the model has already seen, and they skew the mixture toward whatever
@@ -100,6 +101,7 @@ class ExactDedup:
 
     def frequency(self, text: str) -> int:
         return self.count.get(exact_key(text, nfc=self.nfc, whitespace=self.whitespace, lowercase=self.lowercase), 0)
+
 
 # %%
 ex = ExactDedup(lowercase=True)
@@ -158,6 +160,7 @@ def minhash(shingles: np.ndarray, num_perm: int = 128, seed: int = 1) -> LeanMin
     if len(shingles): m.update_batch(shingles)
     return LeanMinHash(m)
 
+
 # %%
 docs = load_sample()
 a = ' '.join(next(d for d in docs if d['domain'] == 'prose')['text'].split()[:150])   # 150 words of real prose
@@ -171,6 +174,7 @@ true_j, est_j
 test_close(est_j, true_j, eps=0.1)
 test_eq(minhash(sa).jaccard(minhash(shingle_hashes(a.upper()))), 1.0)   # case and spacing do not matter
 test_eq(len(shingle_hashes('too short')), 1)
+
 
 # %% [markdown]
 # ## LSH: bands and rows from a threshold
@@ -199,6 +203,7 @@ def lsh_params(threshold: float, num_perm: int, fp_weight: float = 0.5, fn_weigh
             if cost < best_cost: best, best_cost = (b, r), cost
     return best
 
+
 # %%
 import matplotlib.pyplot as plt
 s = np.linspace(0, 1, 200)
@@ -216,6 +221,7 @@ test_eq(bands * rows <= 128, True)
 p_cand = lambda s: 1 - (1 - s ** rows) ** bands
 test_eq(p_cand(0.9) > 0.99 and p_cand(0.3) < 0.05, True)
 test_fail(lambda: lsh_params(1.5, 128), contains='threshold')
+
 
 # %% [markdown]
 # ## Clusters
@@ -293,6 +299,7 @@ class FuzzyDedup:
             out[rep] = [rep] + [m for m in members if m != rep]
         return out
 
+
 # %%
 fd = FuzzyDedup(threshold=0.6)
 texts = {'orig': a, 'edit': b, 'copy': a, 'other': ' '.join(next(d for d in docs if d['domain'] == 'web')['text'].split()[:150])}
@@ -304,6 +311,7 @@ test_eq(fd.clusters(), {'orig': ['orig', 'edit', 'copy'], 'other': ['other']})
 test_eq(list(fd.clusters(scores={'edit': 0.9})), ['edit', 'other'])
 test_fail(lambda: fd.add('orig', a), contains='added twice')
 test_fail(lambda: FuzzyDedup(verify='maybe'), contains='verify')
+
 
 # %% [markdown]
 # ## Evaluation on the sample corpus
@@ -355,6 +363,7 @@ def jaccard_truth(shingles: dict, threshold: float) -> set:
         if len(np.intersect1d(a, b, assume_unique=True)) / len(np.union1d(a, b)) >= threshold: out.add(tuple(sorted((x, y))))
     return out
 
+
 # %%
 groups: dict = {}
 for d in docs:
@@ -380,6 +389,15 @@ clusters = fd.clusters()
 test_eq(results['exact']['jaccard']['f1'] >= 0.98, True)
 test_eq(results['signature']['jaccard']['f1'] >= 0.95, True)
 test_eq(results['signature']['planted']['recall'] >= 0.95, True)
+
+# %% [markdown]
+# The largest clusters, with the representative each keeps and its recorded frequency (the cluster
+# size; the curation pipeline adds the exact copies removed before this step):
+
+# %%
+by_id = {d['id']: d for d in docs}
+for rep_id, members in sorted(clusters.items(), key=lambda kv: -len(kv[1]))[:5]:
+    print(f"frequency {len(members):2}  keep {rep_id:11} ({by_id[rep_id]['meta']['label']}, {by_id[rep_id]['meta']['source'][:40]})")
 
 # %% [markdown]
 # Which planted copies are missed, and what else is found? Near copies are by construction the

@@ -44,6 +44,7 @@ from fastcore.test import test_eq, test_close, test_fail
 import zlib
 from collections import Counter
 
+
 # %% [markdown]
 # The report balances "general data with specialised content for code, mathematics, and natural
 # language", calls its curation "domain-balanced, frequency-aware" with "targeted up-sampling", and
@@ -123,6 +124,7 @@ def fill_epochs(weights: np.ndarray, n_tokens: np.ndarray, budget: float, max_ep
         free &= ~over
     return e
 
+
 # %%
 w = np.array([1.0, 1.0, 4.0]); n = np.array([100, 100, 100])
 fill_epochs(w, n, 600, max_epochs=10), fill_epochs(w, n, 600, max_epochs=2.5)
@@ -131,6 +133,7 @@ fill_epochs(w, n, 600, max_epochs=10), fill_epochs(w, n, 600, max_epochs=2.5)
 test_close(fill_epochs(w, n, 600, 10), [1, 1, 4], eps=1e-9)
 test_close(fill_epochs(w, n, 600, 2.5), [1.75, 1.75, 2.5], eps=1e-9)   # the capped document's excess is spread
 test_close(fill_epochs(w, n, 10_000, 2.5), [2.5, 2.5, 2.5], eps=1e-9)   # budget cannot be met: everything at the cap
+
 
 # %% [markdown]
 # ## The plan
@@ -172,6 +175,7 @@ def plan_mixture(domains, quality, frequency, n_tokens, cfg: MixtureConfig) -> M
         epochs[ph.name] = e
     return MixturePlan([p.name for p in cfg.phases], epochs, delivered, shortfall)
 
+
 # %% [markdown]
 # ## Our default: two phases with quality annealing
 #
@@ -188,6 +192,7 @@ def default_mixture(total_tokens: float, anneal_fraction: float = 0.2) -> Mixtur
         Phase('broad', total_tokens * (1 - anneal_fraction), {'web': 0.45, 'prose': 0.2, 'code': 0.2, 'math': 0.15}),
         Phase('anneal', total_tokens * anneal_fraction, {'web': 0.2, 'prose': 0.3, 'code': 0.25, 'math': 0.25},
               quality_power=3.0, min_quality=0.5)))
+
 
 # %% [markdown]
 # On a synthetic corpus first, where the effect of each knob is easy to see: 1,000 documents per

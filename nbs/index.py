@@ -51,7 +51,8 @@ if 'google.colab' in sys.modules:
 # %% [markdown]
 # ## Two commands
 #
-# Run the main job (today: initialise the tiny model and decode a batch with the KV cache):
+# Run the main job (today: initialise the tiny model and decode a batch with the KV cache; the
+# pipeline's stages join it as they land, and `xgen-small curate` already runs the data curation):
 #
 # <!-- command: main -->
 # ```sh
@@ -96,13 +97,19 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | notebook | module | what it teaches | status |
 # |---|---|---|---|
 # | [00_config](nbs/00_config.ipynb) | `config` | frozen model configs, presets `tiny` / `xgen_4b` / `xgen_9b`, Llama `config.json` interop | ✅ |
+# | [01_data_sample](nbs/01_data_sample.ipynb) | `data.sample` | the shipped multi-domain sample corpus with planted junk and duplicates, and its provenance | ✅ |
+# | [02_data_filters](nbs/02_data_filters.ipynb) | `data.filters` | Gopher, C4, FineWeb, spam, code and math rules with reason tags; per-domain chains | ✅ |
+# | [03_data_quality](nbs/03_data_quality.ipynb) | `data.quality` | two-stage quality ensemble: hashed n-gram LR, then char LR + trigram LM + MLP, stacked | ✅ |
+# | [04_data_dedup](nbs/04_data_dedup.ipynb) | `data.dedup` | exact hashing, MinHash/LSH with datasketch, union-find clusters and frequencies | ✅ |
+# | [05_data_mixture](nbs/05_data_mixture.ipynb) | `data.mixture` | domain balance, frequency-aware up-sampling, quality-annealed phases | ✅ |
+# | [06_data_curate](nbs/06_data_curate.ipynb) | `data.curate` | the parallel, deterministic curation run and its ledger (`xgen-small curate`) | ✅ |
 # | [10_layers](nbs/10_layers.ipynb) | `layers` | RMSNorm, RoPE with configurable base and scaling, SwiGLU, logical axis names | ✅ |
 # | [11_attention](nbs/11_attention.ipynb) | `attention` | segment/position masks, reference grouped-query attention, the `attention` entry point | ✅ (Pallas flash, splash, blockwise: issue 5) |
 # | [12_model](nbs/12_model.ipynb) | `model` | the decoder, layer scan and remat, KV cache, parameter counts | ✅ |
 # | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
 # | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |
 # | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command | ✅ (more subcommands with each stage) |
-# | 01-04 data, 05 tokenizer, 06 loader | | curation, sentencepiece, packing | issues 3, 4 |
+# | 07 tokenizer, 08 loader | | sentencepiece, packing, resumable batches | issue 4 |
 # | 13 sharding, 14 schedules, 15 train | | FSDP + sequence sharding, multi-phase LR, training | issue 6 |
 # | 20 long context, 30 eval | | length extension, RULER-style evaluation | issue 7 |
 # | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |

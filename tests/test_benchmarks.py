@@ -15,3 +15,9 @@ def test_decode_benchmark_quick():
     rows = _load('decode').main(['--quick'])
     assert rows and all(r['ours'] > 0 and r['hf'] > 0 for r in rows)
     assert all(r['same'] == 1.0 for r in rows)  # greedy decoding agrees with transformers token for token
+
+
+def test_dedup_benchmark_quick():
+    rows = {r['system']: r for r in _load('dedup').main(['--quick'])}
+    ours, theirs = rows['ours, verified >= 0.7 (14x8)'], rows['datatrove, numbers kept']
+    assert ours['f1_jaccard'] >= theirs['f1_jaccard'] - 0.02     # at least parity in quality

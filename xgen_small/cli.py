@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--top-p', type=float, default=1.0)
     d.add_argument('--seed', type=int, default=0)
     sub.add_parser('presets', help='list the model presets and their parameter counts')
+    c = sub.add_parser('curate', help='filter, score, deduplicate and mix JSONL(.gz) shards; writes kept documents and a ledger')
+    c.add_argument('inputs', nargs='+', metavar='IN', help='JSONL or JSONL.gz shards (one JSON object per line)')
+    c.add_argument('--out', required=True, help='output directory')
+    c.add_argument('--workers', type=int, default=2, help='processes for the per-shard stage')
+    c.add_argument('--quality-model', default='default',
+                   help="saved quality model (.npz), 'default' (train on the sample corpus) or 'none'")
+    c.add_argument('--default-domain', default=None, help='domain for documents without one (else they are dropped)')
+    c.add_argument('--dedup-threshold', type=float, default=0.6)
+    c.add_argument('--total-tokens', type=float, default=None, help='mixture budget across phases (default: the kept corpus size)')
+    c.add_argument('--no-progress', action='store_true')
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +96,18 @@ def main(argv: list[str] | None = None) -> int:
                  Sampling(args.temperature, args.top_k, args.top_p), args.seed)
         elif args.command == 'presets':
             for name, c in PRESETS.items(): print(f'{name:8} {num_params(c):>15,} parameters  {c}')
-    except (ConfigError, ValueError) as e:
+        elif args.command == 'curate':
+            from xgen_small.data.curate import CurateConfig, curate
+            cfg = CurateConfig(workers=args.workers, default_domain=args.default_domain,
+                               dedup_threshold=args.dedup_threshold, total_tokens=args.total_tokens)
+            qm = None if args.quality_model == 'none' else args.quality_model
+            s = curate(args.inputs, args.out, cfg, quality_model=qm, progress=not args.no_progress).summary
+            print(f"{s['lines']:,} lines: {s['kept']:,} kept, {s['dropped']:,} dropped ({s['seconds']['total']}s); "
+                  f"ledger and summary in {args.out}")
+            for reason, n in sorted(s['reasons'].items(), key=lambda kv: -kv[1]): print(f'  {n:6,}  {reason}')
+            for e in s['inputs']:
+                if e['error']: print(f"  shard {e['path']}: {e['error']}", file=sys.stderr)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,79 @@
+"""The curation pipeline end to end: accounting, determinism across worker counts, hostile input, the CLI."""
+import gzip
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from xgen_small.data.curate import CurateConfig, curate
+from xgen_small.data.sample import sample_shards
+
+
+def _files(d: Path) -> dict:
+    out = {}
+    for p in sorted(d.rglob('*')):
+        if p.is_file() and p.name != 'summary.json' and p.suffix != '.npz':
+            out[str(p.relative_to(d))] = gzip.decompress(p.read_bytes()) if p.suffix == '.gz' else p.read_bytes()
+    return out
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    "The sample shards, plus a hostile shard and a truncated gzip shard."
+    d = tmp_path_factory.mktemp('in')
+    hostile = d / 'hostile.jsonl.gz'
+    lines = [b'{"text": "no id, no domain"}', b'{"id": 7, "domain": "web", "text": 12}', b'\xff\xfe garbage',
+             b'{"id": "s", "domain": "web", "text": "lone \\ud800 surrogate"}', b'null', b'   ',
+             b'{"id": "dup-a", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. Compute 3 * 5. The product is 15. Answer: 15."}',
+             b'{"id": "dup-b", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. Compute 3 * 5. The product is 15. Answer: 15."}']
+    hostile.write_bytes(gzip.compress(b'\n'.join(lines) + b'\n'))
+    full = gzip.compress(b'{"id": "t1", "domain": "web", "text": "x"}\n' * 2000)
+    truncated = d / 'truncated.jsonl.gz'
+    truncated.write_bytes(full[: len(full) // 2])
+    return [*sample_shards()[:2], hostile, truncated]
+
+
+@pytest.fixture(scope='module')
+def runs(shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp('out')
+    one = curate(shards, out / 'w1', CurateConfig(workers=1), quality_model=None, progress=False)
+    two = curate(shards, out / 'w2', CurateConfig(workers=2), quality_model=None, progress=False)
+    return one, two
+
+
+def test_every_line_is_accounted_for(runs):
+    s = runs[0].summary
+    ledger = [json.loads(l) for l in gzip.open(runs[0].out_dir / 'ledger.jsonl.gz', 'rt')]
+    assert s['kept'] + s['dropped'] == s['lines'] == len(ledger) == sum(i['lines'] for i in s['inputs'])
+    assert len({(e['shard'], e['line']) for e in ledger}) == len(ledger)
+    assert all((e['status'] == 'kept') == (e['reason'] is None) for e in ledger)
+    kept = sum(1 for p in runs[0].kept_paths for _ in gzip.open(p, 'rt'))
+    assert kept == s['kept']
+
+
+def test_hostile_input_is_tagged_not_fatal(runs):
+    ledger = [json.loads(l) for l in gzip.open(runs[0].out_dir / 'ledger.jsonl.gz', 'rt')]
+    hostile = {e['line']: e for e in ledger if e['shard'] == 2}
+    assert [hostile[i]['reason'] for i in range(1, 7)] == ['input.unknown_domain', 'input.missing_text', 'input.invalid_utf8',
+                                                          'input.invalid_unicode', 'input.not_an_object', 'input.blank_line']
+    assert {hostile[7]['reason'], hostile[8]['reason']} == {None, 'dedup.exact'}
+    assert hostile[8].get('duplicate_of', 'dup-a') == 'dup-a'
+    truncated = runs[0].summary['inputs'][3]
+    assert truncated['error'] and 'EOFError' in truncated['error'] and truncated['lines'] > 0
+
+
+def test_result_does_not_depend_on_worker_count(runs):
+    one, two = (_files(r.out_dir) for r in runs)
+    assert one.keys() == two.keys() and one == two
+
+
+def test_cli_curate(shards, tmp_path):
+    r = subprocess.run(['xgen-small', 'curate', *map(str, shards[2:]), '--out', str(tmp_path / 'o'), '--quality-model', 'none',
+                        '--no-progress', '--default-domain', 'web'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 'dropped' in r.stdout and 'EOFError' in r.stderr
+    s = json.loads((tmp_path / 'o' / 'summary.json').read_text())
+    assert s['kept'] + s['dropped'] == s['lines']
+    r = subprocess.run(['xgen-small', 'curate', 'no/such/file.jsonl', '--out', str(tmp_path / 'p')], capture_output=True, text=True)
+    assert r.returncode == 2 and 'not found' in r.stderr
