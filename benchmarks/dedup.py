@@ -79,6 +79,7 @@ def _ours(docs, bands, rows, verify, threshold=0.7):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--json', action='store_true', help='also print the rows as one JSON line')
     a = ap.parse_args(argv)
     from xgen_small.data.dedup import cluster_pairs, components, jaccard_truth, pair_scores, shingle_hashes
     from xgen_small.data.sample import load_sample
@@ -110,6 +111,7 @@ def main(argv=None):
                      precision=sj['precision'], recall=sj['recall'])
             rows_out.append(r)
             print(f"{name:30} {r['docs_per_s']:>8,.0f} | {sp['f1']:>10.3f} {sj['f1']:>10.3f} | {sj['precision']:>5.3f}/{sj['recall']:<6.3f}")
+    if a.json: print(json.dumps(rows_out))
     return rows_out
 
 
