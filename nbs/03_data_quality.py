@@ -112,6 +112,7 @@ def char_ngram_features(text: str, domain: str = '', dim: int = 2**18, ns=(3, 4,
     grams = [t[i:i + k] for k in ns for i in range(len(t) - k + 1)] + [f'__domain={domain}']
     return _hashed(grams, dim)
 
+
 # %% [markdown]
 # ## Sparse logistic regression in JAX
 #
@@ -167,6 +168,7 @@ class SparseLogReg:
         logits = np.array([float(self.w[i] @ v) for i, v in rows]) + self.b
         return 1 / (1 + np.exp(-logits))
 
+
 # %% [markdown]
 # ## A word trigram language model
 #
@@ -213,6 +215,7 @@ class TrigramLM:
         if len(ws) == 2: return 0.0
         return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (len(ws) - 2)
 
+
 # %% [markdown]
 # ## Document statistics and a tiny MLP
 #
@@ -258,6 +261,7 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 600, lr: f
         return loss
     for _ in range(steps): step(model, opt)
     return model
+
 
 # %% [markdown]
 # ## The two-stage ensemble
@@ -312,6 +316,7 @@ class QualityModel:
                 out[i] = (float(p), None if p >= self._t(self.threshold, docs[i]['domain']) else 'quality.stage2')
         return out
 
+
 # %% [markdown]
 # ## Training
 #
@@ -351,6 +356,7 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     for _ in range(500): u, s = opt.update(jax.grad(loss)(p), s); p = optax.apply_updates(p, u)
     model.stacker = np.asarray(p)
     return model
+
 
 # %% [markdown]
 # ## On the sample corpus
@@ -419,6 +425,7 @@ n_web(qm), n_web(strict)
 test_eq(n_web(strict) >= n_web(qm), True)
 test_fail(lambda: train_quality([d for d in survivors if d['meta']['quality'] == 'high'][:50]), contains="both 'high' and 'low'")
 
+
 # %% [markdown]
 # ## Saving and loading
 #
@@ -460,6 +467,7 @@ def load_quality_model(path) -> QualityModel:
     s1 = SparseLogReg(dim=meta['dims'][0], w=z['stage1_w'], b=meta['b'][0])
     ch = SparseLogReg(dim=meta['dims'][1], w=z['char_w'], b=meta['b'][1])
     return QualityModel(s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'], meta['threshold'])
+
 
 # %%
 path = save_quality_model(qm, Path(tempfile.mkdtemp()) / 'quality.npz')

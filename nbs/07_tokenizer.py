@@ -97,6 +97,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, model_type:
         num_threads=num_threads, minloglevel=2)
     return out.getvalue()
 
+
 # %% [markdown]
 # ## The wrapper
 #
@@ -202,6 +203,7 @@ class Tokenizer:
 
     def __repr__(self): return f'Tokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint})'
 
+
 # %% [markdown]
 # ## Training on the curated corpus
 #
@@ -263,6 +265,7 @@ for dom, r in rows.items(): print(f'{dom:8}' + ''.join(f'{x:>10.2f}' for x in r)
 for dom, (c4k, c16k, c100k) in rows.items(): test_eq(c4k < c16k, True)
 test_eq(rows['math'][0] > 1.5, True)
 
+
 # %% [markdown]
 # ## Chat template
 #
@@ -311,6 +314,7 @@ def parse_chat(tok: Tokenizer, ids: Sequence[int]) -> list[dict]:
         elif cur is not None: body.append(i)
     if cur is not None: msgs.append(dict(role=cur, content=tok.decode(body, specials=True)))
     return msgs
+
 
 # %%
 chat = [dict(role='system', content='You are concise.'), dict(role='user', content='What is 6 * 7?'),

@@ -109,7 +109,8 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
 # | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |
 # | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command | ✅ (more subcommands with each stage) |
-# | 07 tokenizer, 08 loader | | sentencepiece, packing, resumable batches | issue 4 |
+# | [07_tokenizer](nbs/07_tokenizer.ipynb) | `tokenizer` | sentencepiece BPE with byte fallback, exact round trips, special tokens, chat template | ✅ |
+# | [08_loader](nbs/08_loader.ipynb) | `data.loader` | token store, packing with segment ids, mixture sampling, sharded and resumable batches | ✅ |
 # | 13 sharding, 14 schedules, 15 train | | FSDP + sequence sharding, multi-phase LR, training | issue 6 |
 # | 20 long context, 30 eval | | length extension, RULER-style evaluation | issue 7 |
 # | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |

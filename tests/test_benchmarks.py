@@ -27,3 +27,8 @@ def test_dedup_benchmark_quick():
     rows = {row['system']: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
     ours, theirs = rows['ours, verified >= 0.7 (14x8)'], rows['datatrove, numbers kept']
     assert ours['f1_jaccard'] >= theirs['f1_jaccard'] - 0.02     # at least parity in quality
+
+
+def test_loader_benchmark_quick():
+    r = _load('loader').main(['--quick'])
+    assert r['loader'] > 10 * r['model']        # loading must never be what a training step waits for
