@@ -53,6 +53,7 @@ from xgen_small.data.curate import CurateConfig, curate
 from xgen_small.data.sample import sample_shards
 from xgen_small.tokenizer import train_tokenizer
 
+
 # %% [markdown]
 # ## The token store
 #
@@ -162,6 +163,7 @@ def build_token_store(kept_paths: Sequence, tok: Tokenizer, out_dir, *, plan: di
     (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return TokenStore.open(out_dir)
 
+
 # %%
 tmp = Path(tempfile.mkdtemp())
 res = curate(sample_shards(), tmp / 'curated', CurateConfig(workers=1), quality_model=None, progress=False)
@@ -183,6 +185,7 @@ test_fail(lambda: store.check(other), contains='written by tokenizer')
 test_fail(lambda: store.check(vocab_size=1024), contains='embeds only 1024')
 (tmp / 'empty.jsonl.gz').write_bytes(gzip.compress(b''))
 test_fail(lambda: build_token_store([tmp / 'empty.jsonl.gz'], tok, tmp / 'empty'), contains='no documents')
+
 
 # %% [markdown]
 # ## Packing
@@ -231,6 +234,7 @@ class LoaderState:
     def to_pytree(self) -> dict: return {k: np.asarray(v, np.int64) for k, v in self.__dict__.items()}
     @classmethod
     def from_pytree(cls, tree: dict) -> LoaderState: return cls(**{k: int(v) for k, v in tree.items()})
+
 
 # %% [markdown]
 # ## Sampling by the mixture plan
@@ -321,6 +325,7 @@ class Loader:
                     loss_mask=mask.astype(np.float32), domain_tokens=sum(r[3] for r in rows))
 
     def __iter__(self) -> Iterator[dict]: return self
+
 
 # %%
 loader = Loader(store, LoaderConfig(seq_len=64, batch_size=2, phase='broad'), tokenizer=tok)

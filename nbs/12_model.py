@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xgen_small.attention import attention
+from xgen_small.attention import BlockSizes, attention
 from xgen_small.config import ModelConfig
 from xgen_small.layers import MLP, RMSNorm, Rope, constrain, logical_param
 
@@ -118,7 +118,10 @@ test_fail(lambda: KVCache.create(get_preset('tiny'), 1, 4096), contains='max_seq
 # Projections are stored per head (`[embed, heads, head_dim]`) rather than flattened, so their
 # logical axis names can say `q_heads` / `kv_heads`: tensor parallelism (if ever wanted) shards heads,
 # FSDP shards `embed`. RoPE rotates queries and keys by their positions; with a cache the new keys
-# are written at `index` first, then the queries attend over every slot.
+# are written at `index` first, then the queries attend over every slot. The attention itself goes
+# through notebook 11's entry point with the configured implementation (`attention_impl`), except when
+# decoding against a cache: there a handful of queries meet many cached keys, and the reference path
+# is the one that handles that shape.
 
 # %%
 #| export
@@ -132,6 +135,7 @@ class Attention(nnx.Module):
         self.o = logical_param(rngs.params(), (H, h, d), ('q_heads', 'head_dim', 'embed'), dt, std=std)
         self.rope = Rope.from_config(cfg)
         self.impl = cfg.attention_impl
+        self.blocks = BlockSizes(cfg.attn_block_q, cfg.attn_block_kv)
         self.compute_dtype = cfg.compute_jnp_dtype
 
     def __call__(self, x, positions, segment_ids, cache: KVCache | None = None, layer=None):
@@ -150,8 +154,10 @@ class Attention(nnx.Module):
                       for c, new in ((cache.k, k), (cache.v, v)))
             k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).swapaxes(1, 2) for c in (ks, vs))
             cache, kv_segment_ids, kv_positions = cache._replace(k=ks, v=vs), cache.segment_ids, cache.positions
+        # kernels compute self-attention over the whole sequence; decoding against a cache uses the reference path
+        impl = self.impl if cache is None else 'xla'
         out = attention(q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids, positions, kv_positions,
-                        impl=self.impl)
+                        impl=impl, block_sizes=self.blocks)
         return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt)), cache
 
 

@@ -104,7 +104,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [05_data_mixture](nbs/05_data_mixture.ipynb) | `data.mixture` | domain balance, frequency-aware up-sampling, quality-annealed phases | ✅ |
 # | [06_data_curate](nbs/06_data_curate.ipynb) | `data.curate` | the parallel, deterministic curation run and its ledger (`xgen-small curate`) | ✅ |
 # | [10_layers](nbs/10_layers.ipynb) | `layers` | RMSNorm, RoPE with configurable base and scaling, SwiGLU, logical axis names | ✅ |
-# | [11_attention](nbs/11_attention.ipynb) | `attention` | segment/position masks, reference grouped-query attention, the `attention` entry point | ✅ (Pallas flash, splash, blockwise: issue 5) |
+# | [11_attention](nbs/11_attention.ipynb) | `attention` | masks, reference GQA attention, online softmax, memory-linear blockwise JAX, our Pallas flash kernel (fwd + bwd), splash, `attention` entry point | ✅ |
 # | [12_model](nbs/12_model.ipynb) | `model` | the decoder, layer scan and remat, KV cache, parameter counts | ✅ |
 # | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
 # | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |

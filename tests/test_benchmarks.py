@@ -32,3 +32,9 @@ def test_dedup_benchmark_quick():
 def test_loader_benchmark_quick():
     r = _load('loader').main(['--quick'])
     assert r['loader'] > 10 * r['model']        # loading must never be what a training step waits for
+
+
+def test_attention_benchmark_quick():
+    rows = _load('attention').main(['--quick'])
+    assert {r['impl'] for r in rows} == {'xla', 'blockwise', 'flash', 'splash'}
+    assert all('step_s' in r and r['peak_rss_mib'] > 0 for r in rows)

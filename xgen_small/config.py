@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
 REMAT_POLICIES = ('none', 'full', 'dots')
-ATTENTION_IMPLS = ('auto', 'xla')
+ATTENTION_IMPLS = ('auto', 'xla', 'blockwise', 'flash', 'splash')
 
 def resolve_dtype(name: str):
     "The `jnp` dtype for `name`; `'auto'` means bfloat16 on TPU/GPU and float32 on CPU."
@@ -62,12 +62,14 @@ class ModelConfig:
     param_dtype: str = 'float32'
     compute_dtype: str = 'auto'
     attention_impl: str = 'auto'
+    attn_block_q: int = 512        # query block of the blockwise / flash / splash kernels
+    attn_block_kv: int = 512       # key/value block
     scan_layers: bool = True
     remat: str = 'none'
 
     def __post_init__(self):
         ints = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim', 'd_ff', 'max_seq_len',
-                'rope_original_max_len')
+                'rope_original_max_len', 'attn_block_q', 'attn_block_kv')
         for n in ints:
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int): raise ConfigError(f"ModelConfig.{n} must be an int, got {v!r}")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import attention
+from .attention import BlockSizes, attention
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, Rope, constrain, logical_param
 
@@ -53,6 +53,7 @@ class Attention(nnx.Module):
         self.o = logical_param(rngs.params(), (H, h, d), ('q_heads', 'head_dim', 'embed'), dt, std=std)
         self.rope = Rope.from_config(cfg)
         self.impl = cfg.attention_impl
+        self.blocks = BlockSizes(cfg.attn_block_q, cfg.attn_block_kv)
         self.compute_dtype = cfg.compute_jnp_dtype
 
     def __call__(self, x, positions, segment_ids, cache: KVCache | None = None, layer=None):
@@ -71,8 +72,10 @@ class Attention(nnx.Module):
                       for c, new in ((cache.k, k), (cache.v, v)))
             k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).swapaxes(1, 2) for c in (ks, vs))
             cache, kv_segment_ids, kv_positions = cache._replace(k=ks, v=vs), cache.segment_ids, cache.positions
+        # kernels compute self-attention over the whole sequence; decoding against a cache uses the reference path
+        impl = self.impl if cache is None else 'xla'
         out = attention(q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids, positions, kv_positions,
-                        impl=self.impl)
+                        impl=impl, block_sizes=self.blocks)
         return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt)), cache
 
 # %% ../nbs/12_model.ipynb #2f6c47d8
