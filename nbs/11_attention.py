@@ -610,6 +610,7 @@ print('splash (interpret): max |error| out, dq, dk, dv =', [f'{e:.1e}' for e in 
 # | `blockwise` | online softmax in plain JAX, custom VJP, linear memory | everywhere |
 # | `flash` | our Pallas kernels | GPU (Triton), CPU (interpret mode, for testing) |
 # | `splash` | JAX's TPU splash kernel | TPU (Mosaic), CPU (interpret mode, for testing) |
+# | `seq_ring`, `seq_allgather` | sequence-parallel attention over a mesh's `sequence` axis (notebook 13) | everywhere, inside `jax.set_mesh` |
 # | `auto` | the best of these for the platform and length | |
 #
 # `auto` picks splash on TPU and flash on GPU; on a CPU it picks the reference for short sequences
@@ -620,9 +621,18 @@ print('splash (interpret): max |error| out, dq, dk, dv =', [f'{e:.1e}' for e in 
 
 # %%
 #| export
+def _sharding_impl(name: str):
+    "Sequence-parallel implementations live with the mesh code (notebook 13); imported on first use."
+    def call(*args, **kw):
+        from xgen_small import sharding
+        return getattr(sharding, name)(*args, **kw)
+    return call
+
 IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_blockwise, 'flash': attention_flash,
-                         'splash': attention_splash}
-PLATFORMS = {'xla': {'cpu', 'gpu', 'tpu'}, 'blockwise': {'cpu', 'gpu', 'tpu'}, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}}
+                         'splash': attention_splash, 'seq_ring': _sharding_impl('attention_ring'),
+                         'seq_allgather': _sharding_impl('attention_allgather')}
+_ALL = {'cpu', 'gpu', 'tpu'}
+PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}, 'seq_ring': _ALL, 'seq_allgather': _ALL}
 
 def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str | None = None) -> str:
     "The implementation that `impl` means on `platform` (default: JAX's backend) for sequences of `seq_len`."
@@ -650,8 +660,8 @@ test_close(attention(q, k, v, impl='auto'), ours, eps=1e-7)
 test_close(attention(q, k, v, impl='blockwise', block_sizes=BlockSizes(8, 8)), ours, eps=1e-5)
 test_eq([resolve_impl('auto', n, p) for n, p in ((256, 'cpu'), (1024, 'cpu'), (8192, 'gpu'), (8192, 'tpu'))],
         ['xla', 'blockwise', 'flash', 'splash'])
-test_fail(lambda: attention(q, k, v, impl='cudnn'), contains='available: auto, blockwise, flash, splash, xla')
-test_fail(lambda: resolve_impl('splash', platform='gpu'), contains='available there: auto, blockwise, flash, xla')
+test_fail(lambda: attention(q, k, v, impl='cudnn'), contains='available: auto, blockwise, flash, seq_allgather, seq_ring, splash, xla')
+test_fail(lambda: resolve_impl('splash', platform='gpu'), contains='available there: auto, blockwise, flash, seq_allgather, seq_ring, xla')
 test_fail(lambda: resolve_impl('flash', platform='tpu'), contains="'flash' does not run on tpu")
 test_fail(lambda: attention_flash(q[:, :8], k, v), contains='self-attention')
 test_fail(lambda: BlockSizes(0, 16), contains='block_q')

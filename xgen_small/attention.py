@@ -375,9 +375,18 @@ def attention_splash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positio
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 # %% ../nbs/11_attention.ipynb #d8b4f7cc
+def _sharding_impl(name: str):
+    "Sequence-parallel implementations live with the mesh code (notebook 13); imported on first use."
+    def call(*args, **kw):
+        from xgen_small import sharding
+        return getattr(sharding, name)(*args, **kw)
+    return call
+
 IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_blockwise, 'flash': attention_flash,
-                         'splash': attention_splash}
-PLATFORMS = {'xla': {'cpu', 'gpu', 'tpu'}, 'blockwise': {'cpu', 'gpu', 'tpu'}, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}}
+                         'splash': attention_splash, 'seq_ring': _sharding_impl('attention_ring'),
+                         'seq_allgather': _sharding_impl('attention_allgather')}
+_ALL = {'cpu', 'gpu', 'tpu'}
+PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}, 'seq_ring': _ALL, 'seq_allgather': _ALL}
 
 def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str | None = None) -> str:
     "The implementation that `impl` means on `platform` (default: JAX's backend) for sequences of `seq_len`."

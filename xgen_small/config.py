@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 DTYPES = ('float32', 'bfloat16', 'float16')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
 REMAT_POLICIES = ('none', 'full', 'dots')
-ATTENTION_IMPLS = ('auto', 'xla', 'blockwise', 'flash', 'splash')
+ATTENTION_IMPLS = ('auto', 'xla', 'blockwise', 'flash', 'splash', 'seq_ring', 'seq_allgather')
 
 def resolve_dtype(name: str):
     "The `jnp` dtype for `name`; `'auto'` means bfloat16 on TPU/GPU and float32 on CPU."
