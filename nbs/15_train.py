@@ -1,0 +1,525 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Training
+#
+# > The pre-training loop: AdamW with masked weight decay, clipping, z-loss, gradient accumulation and mixed precision; a sharded, jitted train step; metrics with MFU; atomic orbax checkpoints and exact resumption.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/15_train.ipynb)
+
+# %%
+#| default_exp train
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %%
+#| export
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import typing
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from xgen_small.config import ConfigError, ModelConfig, get_preset, param_counts
+from xgen_small.data.loader import Loader, LoaderConfig, LoaderState, TokenStore
+from xgen_small.model import Decoder, abstract_model
+from xgen_small.schedules import LRPhase, default_schedule, multi_phase_schedule, phase_at, total_steps
+from xgen_small.sharding import MeshConfig, data_sharding, logical_spec, make_mesh, zigzag_batch
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+import gzip, shutil, tempfile
+from xgen_small.config import num_params
+from xgen_small.data.curate import CurateConfig, curate
+from xgen_small.data.loader import build_token_store
+from xgen_small.data.sample import sample_shards
+from xgen_small.tokenizer import Tokenizer, train_tokenizer
+
+# %% [markdown]
+# ## Configuration
+#
+# A `TrainConfig` holds everything a run needs besides its data: the model, the mesh, batch shape,
+# the multi-phase schedule (notebook 14), the optimizer's constants, and checkpointing. It is frozen
+# and serialisable to JSON, so a run's config is saved beside its checkpoints and `xgen-small pretrain`
+# reads the same format, with `--set field=value` overrides (`model.d_model=256`, `batch_size=16`).
+
+# %%
+#| export
+@dataclass(frozen=True)
+class TrainConfig:
+    "Everything about a training run except its data."
+    model: ModelConfig = field(default_factory=lambda: get_preset('tiny'))
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    seq_len: int = 256
+    batch_size: int = 8                  # global rows per step
+    grad_accum: int = 1                  # micro-batches per step (batch_size must divide by it)
+    schedule: tuple = field(default_factory=lambda: default_schedule(200))
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    z_loss: float = 0.0                  # weight of the log-partition penalty (PaLM uses 1e-4)
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 50
+    keep: int = 3
+    balance_sequence: bool = True        # zigzag the length axis when it is sharded (notebook 13)
+
+    def __post_init__(self):
+        if self.batch_size % self.grad_accum: raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
+        if self.seq_len > self.model.max_seq_len: raise ConfigError(f"TrainConfig.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        for n in ('seq_len', 'batch_size', 'grad_accum', 'log_every', 'save_every', 'keep'):
+            if getattr(self, n) < 1: raise ConfigError(f"TrainConfig.{n} must be positive")
+        if not self.schedule: raise ConfigError("TrainConfig.schedule needs at least one phase")
+
+    @property
+    def steps(self) -> int: return total_steps(self.schedule)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d['mesh']['rules'] = [list(r) for r in self.mesh.rules]
+        d['schedule'] = [dict(p) for p in d['schedule']]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown: raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}")
+        if 'model' in d: d['model'] = ModelConfig.from_dict(d['model'])
+        if 'mesh' in d:
+            m = dict(d['mesh'])
+            if 'rules' in m: m['rules'] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in m['rules'])
+            d['mesh'] = MeshConfig(**m)
+        if 'schedule' in d: d['schedule'] = tuple(LRPhase(**p) if isinstance(p, dict) else p for p in d['schedule'])
+        return cls(**d)
+
+def apply_overrides(cfg: TrainConfig, pairs) -> TrainConfig:
+    "`['model.d_model=256', 'batch_size=16', 'schedule.0.peak_lr=1e-3']` applied to `cfg`, typed by the fields."
+    d = cfg.to_dict()
+    for pair in pairs:
+        key, sep, raw = pair.partition('=')
+        if not sep: raise ConfigError(f"override {pair!r} must look like field=value")
+        *parents, leaf = key.split('.')
+        node = d
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) and p.isdigit() else node.get(p) if isinstance(node, dict) else None
+            if node is None: raise ConfigError(f"no config field {key!r}")
+        if isinstance(node, list) or leaf not in node: raise ConfigError(f"no config field {key!r}")
+        old = node[leaf]
+        try: node[leaf] = (raw.lower() in ('1', 'true')) if isinstance(old, bool) else type(old)(raw) if old is not None else raw
+        except ValueError: raise ConfigError(f"{key}: cannot read {raw!r} as {type(old).__name__}") from None
+    return TrainConfig.from_dict(d)
+
+# %%
+cfg = TrainConfig()
+test_eq(TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))), cfg)
+test_eq(apply_overrides(cfg, ['model.d_model=256', 'batch_size=16', 'schedule.1.final_lr=0']).model.d_model, 256)
+test_fail(lambda: apply_overrides(cfg, ['model.width=3']), contains="no config field 'model.width'")
+test_fail(lambda: TrainConfig(batch_size=6, grad_accum=4), contains='grad_accum')
+test_fail(lambda: TrainConfig(seq_len=4096), contains='max_seq_len')
+
+# %% [markdown]
+# ## Optimizer and loss
+#
+# AdamW (Loshchilov & Hutter, 2019) with the schedule as its learning rate, after clipping the
+# gradient's global norm. Weight decay pulls weights toward zero, which regularises matrices but
+# makes no sense for normalisation gains (it would shrink them toward zero, not toward their natural
+# value of one): the decay mask skips every RMSNorm scale, and would skip biases, which this model
+# does not have.
+#
+# The loss is next-token cross-entropy over the positions the loader marks (`loss_mask`), averaged per
+# token. The optional **z-loss** (PaLM, Chowdhery et al., 2022) adds $\lambda \log^2 Z$, keeping the
+# softmax's normaliser near one, which stabilises long bfloat16 runs. With gradient accumulation the
+# micro-batches' *sums* are added and divided once by the total token count, so accumulating is
+# exactly a larger batch (up to float rounding), however the loss mask falls.
+
+# %%
+#| export
+def decay_mask(params) -> dict:
+    "True for every parameter that gets weight decay: all but norm scales (and biases, had we any)."
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) not in ('scale', 'bias'), params)
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                       optax.adamw(multi_phase_schedule(cfg.schedule), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay, mask=decay_mask))
+
+def token_losses(logits, targets, mask, z_loss: float = 0.0):
+    "(sum of cross-entropy, sum of z-loss, token count) over the masked positions, all float32."
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    ce = lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(ce * mask), z_loss * jnp.sum(jnp.square(lse) * mask), jnp.sum(mask)
+
+# %%
+logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
+ce, z, n = token_losses(logits, jnp.array([[0, 2]]), jnp.array([[1.0, 1.0]]), z_loss=1e-4)
+test_close(float(ce / n), -(np.log(0.7) + np.log(0.8)) / 2, eps=1e-6)
+test_close(float(z), 0.0, eps=1e-9)                    # normalised logits: log Z = 0
+m = decay_mask(nnx.state(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+test_eq((m['final_norm']['scale'], m['layers']['mlp_norm']['scale'], m['layers']['mlp']['up'], m['embed']), (False, False, True, True))
+
+# %% [markdown]
+# ## The train state and the step
+#
+# The state is a plain pytree: parameters (float32 master weights, whatever the compute dtype),
+# optimizer state, step and a PRNG key. Keeping it pure makes it easy to shard, donate and checkpoint.
+# The model is rebuilt from the parameters inside the jitted step with `nnx.merge`, which costs nothing
+# at run time.
+#
+# Sharding comes from notebook 13's rules: parameters by their logical names; each optimizer moment
+# like the parameter it belongs to; batches over (data, fsdp) and length over sequence. The step is
+# compiled with these as input *and* output shardings, and the old state is donated, so updates
+# happen in place and the state never leaves its devices.
+
+# %%
+#| export
+def param_shardings(cfg: TrainConfig, mesh, abstract_params: dict) -> dict:
+    "NamedSharding of every parameter, from the logical names on the model's variables."
+    names = {tuple(str(getattr(k, 'key', k)) for k in path): v.get_metadata()['out_sharding']
+             for path, v in nnx.to_flat_state(nnx.state(abstract_model(cfg.model), nnx.Param))}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: NamedSharding(mesh, logical_spec(names[tuple(str(getattr(k, 'key', k)) for k in path)], cfg.mesh.rules)),
+        abstract_params)
+
+def _state_shardings(state_shape, p_shard: dict, mesh):
+    "Parameter shardings for `params` and for every optimizer leaf whose path ends with a parameter's path."
+    flat = {tuple(str(getattr(k, 'key', k)) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(p_shard)[0]}
+    def find(path, leaf):
+        keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+        for i in range(len(keys)):
+            s = flat.get(keys[i:])
+            if s is not None and len(s.spec) <= leaf.ndim: return s
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(find, state_shape)
+
+@dataclass
+class Trainer:
+    "The compiled pieces of a run: graphdef, optimizer, shardings and the jitted step."
+    cfg: TrainConfig
+    mesh: jax.sharding.Mesh
+    def __post_init__(self):
+        cfg = self.cfg
+        self.graphdef, self.abstract_state = nnx.split(abstract_model(cfg.model), nnx.Param)
+        self.abstract_params = self.abstract_state.to_pure_dict()
+        self.tx = make_optimizer(cfg)
+        p_shard = param_shardings(cfg, self.mesh, self.abstract_params)
+        shape = jax.eval_shape(self._init, jax.random.key(0))
+        self.state_sharding = _state_shardings(shape, p_shard, self.mesh)
+        self.batch_sharding = data_sharding(self.mesh, cfg.mesh.rules)
+        self.init = jax.jit(self._init, out_shardings=self.state_sharding)
+        self.step = jax.jit(self._step, in_shardings=(self.state_sharding, self.batch_sharding), donate_argnums=0,
+                            out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
+
+    def _init(self, key):
+        pkey, key = jax.random.split(key)
+        params = nnx.state(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)), nnx.Param).to_pure_dict()
+        return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
+
+    def model(self, params) -> Decoder:
+        "A `Decoder` holding `params` (a pure dict, concrete or traced)."
+        state = jax.tree.map(lambda x: x, self.abstract_state)      # a fresh copy to fill
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def _sums(self, params, mb):
+        logits = self.model(params)(mb['inputs'], mb['positions'], mb['segment_ids'])
+        ce, z, n = token_losses(logits, mb['targets'], mb['loss_mask'], self.cfg.z_loss)
+        return ce + z, (ce, z, n)
+
+    def _step(self, state, batch):
+        cfg, params = self.cfg, state['params']
+        A = cfg.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+        def accumulate(carry, mb):
+            g_acc, ce_acc, z_acc, n_acc = carry
+            (_, (ce, z, n)), g = jax.value_and_grad(self._sums, has_aux=True)(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z, n_acc + n), None
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (g, ce, z, n), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), micro)
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda x: x / n, g)
+        updates, opt = self.tx.update(grads, state['opt'], params)
+        new = dict(params=optax.apply_updates(params, updates), opt=opt, step=state['step'] + 1, rng=state['rng'])
+        metrics = dict(loss=ce / n, z_loss=z / n, grad_norm=optax.global_norm(grads), tokens=n,
+                       lr=multi_phase_schedule(cfg.schedule)(state['step']))
+        return new, metrics
+
+    def shard_batch(self, batch: dict) -> dict:
+        "Host batch -> global device arrays (zigzag-balanced when the length is sharded)."
+        keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+        b = {k: np.asarray(batch[k]) for k in keys}
+        n_seq = self.mesh.shape['sequence']
+        if n_seq > 1 and self.cfg.balance_sequence: b = zigzag_batch(b, n_seq)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in b.items()}
+
+# %% [markdown]
+# ## FLOPs per token and MFU
+#
+# Model FLOPs utilisation compares the arithmetic the model *needs* with what the hardware could do.
+# Per token, a forward and backward pass costs $6N$ for the $N$ parameters used in matmuls (every
+# weight except the embedding table, which is a lookup; the output head counts), plus attention's two
+# matmuls against the context, $12 \cdot L \cdot H \cdot h \cdot T$, counted over the full context as
+# PaLM's appendix does. On a CPU there is no datasheet peak, so we measure one: the FLOP/s of a large
+# float32 matmul, jitted and warmed up, on this machine. (The 8 simulated CPU devices of these
+# notebooks share the same two cores, so the machine's peak is that one measurement, not eight of them;
+# on TPUs and GPUs use the chip's datasheet peak times the number of chips.)
+
+# %%
+#| export
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    "Training (forward + backward) matmul FLOPs per token: 6 N_matmul + 12 L H h T (PaLM's convention)."
+    c = param_counts(cfg)
+    n_matmul = c['attention'] + c['mlp'] + (c['lm_head'] or c['embedding'])
+    return 6 * n_matmul + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+def measured_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    "FLOP/s of a jitted n x n float32 matmul on the default device (a practical peak for CPUs)."
+    a = jax.random.normal(jax.random.key(0), (n, n)); f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats): r = f(a)
+    r.block_until_ready()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
+
+# %%
+for name in ('tiny', 'xgen_4b', 'xgen_9b'):
+    c = get_preset(name)
+    f = flops_per_token(c, c.max_seq_len)
+    print(f'{name:8} {f / 1e9:8.3f} GFLOP per token at {c.max_seq_len:,} tokens  (6N = {6 * param_counts(c)["non_embedding"] / 1e9:.3f} GFLOP without the head)')
+peak = measured_peak_flops()
+print(f'measured matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s')
+
+# %%
+c9 = get_preset('xgen_9b')
+by_hand = 6 * (num_params(c9) - c9.vocab_size * c9.d_model) + 12 * 36 * 32 * 128 * 8192   # all weights but the embedding table
+test_close(flops_per_token(c9, 8192) / by_hand, 1.0, eps=1e-3)
+
+# %% [markdown]
+# ## Checkpoints
+#
+# Orbax's `CheckpointManager` saves every `save_every` steps and keeps the last `keep`. A checkpoint
+# holds the train state (parameters, optimizer state, step, PRNG key), the data loader's state, and the
+# run's config. Orbax writes each checkpoint into a temporary directory and renames it into place only
+# when everything is on disk, so a crash during a save leaves at worst a temporary directory that is
+# ignored, never a half-written "latest" checkpoint. Restoring places every array directly onto its
+# devices with its sharding.
+
+# %%
+#| export
+class Checkpointer:
+    "Save and restore (train state, loader state, config) with orbax."
+    def __init__(self, directory, save_every: int = 50, keep: int = 3):
+        self.dir = Path(directory).absolute()
+        self.mngr = ocp.CheckpointManager(self.dir, item_names=('state', 'loader', 'config'),
+                                          options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep))
+
+    def save(self, step: int, state, loader: dict, config: dict, force: bool = False) -> bool:
+        saved = self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader),
+                                                              config=ocp.args.JsonSave(config)), force=force)
+        self.mngr.wait_until_finished()
+        return saved
+
+    def latest(self) -> int | None: return self.mngr.latest_step()
+
+    def restore(self, step: int, target) -> tuple:
+        "(state, loader state, config dict) of `step`; `target`: abstract state with shardings."
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), *target)
+        r = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore(),
+                                                             config=ocp.args.JsonRestore()))
+        return r['state'], r['loader'], r['config']
+
+    def close(self): self.mngr.close()
+
+# %% [markdown]
+# ## The loop
+#
+# `train` ties it together: a mesh, a `Trainer`, a checkpointer in `out_dir`, and one data loader per
+# schedule phase, switched at the step where the schedule enters the phase (so the learning rate and
+# the mixture anneal together). If `out_dir` holds a checkpoint, the run resumes from it: state,
+# loader position, step, everything, so that the rest of the run is exactly what it would have been.
+#
+# A loss that is NaN or infinite stops the run with a message naming the step, *before* anything is
+# saved, so the last checkpoint on disk is the last good one.
+
+# %%
+#| export
+class TrainingDiverged(RuntimeError):
+    "The loss became NaN or infinite; the last checkpoint on disk predates it."
+
+@dataclass
+class TrainResult:
+    state: dict
+    history: list
+    trainer: Trainer
+    def model(self) -> Decoder: return self.trainer.model(jax.device_get(self.state['params']))
+
+def _loader_for(store, cfg: TrainConfig, phase: str, state=None) -> Loader:
+    ph = phase if phase in store.phases else None
+    lc = LoaderConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(), phase=ph, seed=cfg.seed,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    return Loader(store, lc, state, vocab_size=cfg.model.vocab_size)
+
+def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: int | None = None, progress: bool = True,
+          peak_flops: float | None = None) -> TrainResult:
+    "Train (or resume) for `steps` (default: the schedule's length) on `store`, checkpointing into `out_dir`."
+    store = TokenStore.open(store) if not isinstance(store, TokenStore) else store
+    steps = cfg.steps if steps is None else min(steps, cfg.steps)
+    peak = peak_flops or measured_peak_flops()        # measured outside the mesh, on one device of this machine
+    mesh = make_mesh(cfg.mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
+        tr = Trainer(cfg, mesh)
+        ckpt = Checkpointer(Path(out_dir) / 'checkpoints', cfg.save_every, cfg.keep)
+        start = ckpt.latest()
+        if start is None:
+            state, loader_state, phase = tr.init(jax.random.key(cfg.seed)), None, phase_at(cfg.schedule, 0)
+        else:
+            target = (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding)
+            state, saved_loader, saved_cfg = ckpt.restore(start, target)
+            if saved_cfg['model'] != cfg.to_dict()['model']: raise ConfigError(f"checkpoint in {out_dir} was written for a different model config")
+            phase, loader_state = saved_loader['phase'], LoaderState.from_pytree(saved_loader['state'])
+        loader = _loader_for(store, cfg, phase, loader_state)
+        flops = flops_per_token(cfg.model, cfg.seq_len)
+        history, t_last, tok_last = [], time.perf_counter(), 0
+        first = int(state['step'])
+        bar = tqdm(range(first, steps), initial=first, total=steps, disable=not progress, desc='train', unit='step')
+        for step in bar:
+            want = phase_at(cfg.schedule, step)
+            if want != phase: phase, loader = want, _loader_for(store, cfg, want)
+            state, m = tr.step(state, tr.shard_batch(next(loader)))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if not math.isfinite(m['loss']):
+                last = ckpt.latest()
+                ckpt.close()
+                raise TrainingDiverged(f"loss is {m['loss']} at step {step + 1}; stopped before saving. "
+                                       f"The last good checkpoint is step {last} in {ckpt.dir}" if last is not None else
+                                       f"loss is {m['loss']} at step {step + 1}; no checkpoint had been saved")
+            tok_last += m['tokens']
+            m.update(step=step + 1, phase=phase)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                dt = time.perf_counter() - t_last
+                m['tokens_per_s'] = tok_last / dt
+                m['mfu'] = m['tokens_per_s'] * flops / peak
+                t_last, tok_last = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:,.0f}")
+            history.append(m)
+            loader_doc = dict(phase=phase, state={k: int(v) for k, v in loader.state.to_pytree().items()})
+            ckpt.save(step + 1, state, loader_doc, cfg.to_dict(), force=step + 1 == steps)
+        ckpt.close()
+    (Path(out_dir) / 'history.jsonl').open('a').writelines(json.dumps(h) + '\n' for h in history)
+    return TrainResult(state, history, tr)
+
+# %% [markdown]
+# ## Pre-training the tiny model on the curated sample
+#
+# The sample corpus, curated (notebook 06), tokenised (07) and stored (08); then 60 steps of the tiny
+# model, 8 rows of 256 tokens, with the two-phase schedule and mixture (the last 20% of steps on the
+# annealing mixture), on a mesh that uses all 8 simulated devices with FSDP.
+
+# %%
+tmp = Path(tempfile.mkdtemp())
+res = curate(sample_shards(), tmp / 'curated', CurateConfig(workers=2), quality_model=None, progress=False)
+tok = Tokenizer(train_tokenizer([json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')], vocab_size=4096))
+store = build_token_store(res.kept_paths, tok, tmp / 'store', plan=res.summary['mixture'])
+cfg = TrainConfig(schedule=default_schedule(60, peak_lr=3e-3), mesh=MeshConfig(fsdp=-1), log_every=10, save_every=20)
+t0 = time.perf_counter()
+run = train(cfg, store, tmp / 'run', progress=False)
+print(f'{len(run.history)} steps in {time.perf_counter() - t0:.0f}s')
+for h in run.history[9::10]:
+    print(f"step {h['step']:3}  {h['phase']:6}  loss {h['loss']:.3f}  grad norm {h['grad_norm']:.2f}  lr {h['lr']:.1e}  "
+          f"{h['tokens_per_s']:,.0f} tok/s  MFU {h['mfu']:.1%}")
+
+# %%
+import matplotlib.pyplot as plt
+fig, ax = plt.subplots(figsize=(6, 2.8))
+ax.plot([h['step'] for h in run.history], [h['loss'] for h in run.history], label='loss')
+ax.axvline(48, ls=':', c='grey'); ax.text(49, ax.get_ylim()[1] * 0.95, 'anneal', va='top')
+ax.set_xlabel('step'); ax.set_ylabel('cross-entropy'); ax.set_title('tiny model on the curated sample, 8 devices (FSDP)')
+plt.tight_layout(); plt.show()
+
+# %%
+hist = run.history
+test_eq(len(hist), 60)
+test_eq(hist[-1]['loss'] < hist[0]['loss'] - 2.0, True)          # it learns
+test_eq([h['phase'] for h in hist[47:49]], ['broad', 'anneal'])
+params = run.state['params']
+test_eq(params['layers']['mlp']['up'].sharding.spec, logical_spec(('layers', 'embed', 'mlp')))   # state stays sharded
+test_eq(sorted(int(p.name) for p in (tmp / 'run' / 'checkpoints').iterdir() if p.name.isdigit()), [20, 40, 60])
+
+# %% [markdown]
+# ## Resuming is exact
+#
+# Train 40 steps in one go; train 20, stop, start a new `train` call on the same directory for the next
+# 20. The second run restores state and loader position from the step-20 checkpoint and produces
+# exactly the same losses. (`tests/test_train.py` does this across separate processes and over several
+# meshes.)
+
+# %%
+short = TrainConfig(schedule=default_schedule(40, peak_lr=3e-3), mesh=MeshConfig(fsdp=-1), save_every=20)
+straight = train(short, store, tmp / 'straight', progress=False).history
+first = train(short, store, tmp / 'split', steps=20, progress=False).history
+second = train(short, store, tmp / 'split', progress=False).history
+print('straight:', [round(h['loss'], 5) for h in straight[18:23]])
+print('resumed: ', [round(h['loss'], 5) for h in (first + second)[18:23]])
+test_eq([h['loss'] for h in first + second], [h['loss'] for h in straight])
+
+# %% [markdown]
+# ## Divergence stops cleanly
+#
+# A learning rate of 1e6 blows the weights up within a few steps; the run stops with a message, and
+# the latest checkpoint on disk is the last one saved before the blow-up, which restores to finite
+# weights.
+
+# %%
+bad = TrainConfig(schedule=(LRPhase('broad', 30, 1e6),), mesh=MeshConfig(fsdp=-1), save_every=2)
+try: train(bad, store, tmp / 'bad', progress=False)
+except TrainingDiverged as e: print('TrainingDiverged:', e)
+
+# %%
+test_fail(lambda: train(bad, store, tmp / 'bad2', progress=False), contains='last good checkpoint is step')
+ck = Checkpointer(tmp / 'bad2' / 'checkpoints')
+with jax.set_mesh(make_mesh(bad.mesh)), nn.logical_axis_rules(bad.mesh.rules):
+    trb = Trainer(bad, make_mesh(bad.mesh))
+    st, _, _ = ck.restore(ck.latest(), (jax.eval_shape(trb._init, jax.random.key(0)), trb.state_sharding))
+test_eq(all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(st['params'])), True)
+
+# %%
+#| hide
+#| eval: false
+import nbdev; nbdev.nbdev_export()
