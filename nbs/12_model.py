@@ -45,7 +45,7 @@ from flax import nnx
 
 from xgen_small.attention import BlockSizes, attention
 from xgen_small.config import ModelConfig
-from xgen_small.layers import MLP, RMSNorm, Rope, constrain, logical_param
+from xgen_small.layers import MLP, RMSNorm, Rope, constrain, dense, logical_param
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -142,9 +142,7 @@ class Attention(nnx.Module):
         "`x`: `[B, T, d]`. With a cache, this layer's keys/values are written at `cache.index` and the cache returned."
         dt = self.compute_dtype
         x = x.astype(dt)
-        q = jnp.einsum('btd,dnh->btnh', x, self.q[...].astype(dt))
-        k = jnp.einsum('btd,dnh->btnh', x, self.k[...].astype(dt))
-        v = jnp.einsum('btd,dnh->btnh', x, self.v[...].astype(dt))
+        q, k, v = (dense(x, w[...].astype(dt)) for w in (self.q, self.k, self.v))    # [B, T, heads, head_dim]
         q, k = self.rope(q, positions), self.rope(k, positions)
         q = constrain(q, ('batch', 'length', 'q_heads', 'head_dim'))
         if cache is None:
@@ -158,7 +156,7 @@ class Attention(nnx.Module):
         impl = self.impl if cache is None else 'xla'
         out = attention(q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids, positions, kv_positions,
                         impl=impl, block_sizes=self.blocks)
-        return jnp.einsum('btnh,nhd->btd', out, self.o[...].astype(dt)), cache
+        return dense(out, self.o[...].astype(dt), n_in=2), cache
 
 
 # %% [markdown]
@@ -255,8 +253,8 @@ class Decoder(nnx.Module):
             for i in range(cfg.n_layers): (x, cache), _ = layer((x, cache), (jax.tree.map(lambda a: a[i], params), i))
 
         x = self.final_norm(x[:, -1:] if last_only else x)
-        if cfg.tie_embeddings: logits = jnp.einsum('btd,vd->btv', x, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        else: logits = jnp.einsum('btd,dv->btv', x, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        head = self.embed[...].astype(dt).T if cfg.tie_embeddings else self.lm_head[...].astype(dt)
+        logits = dense(x, head, preferred_element_type=jnp.float32)
         logits = constrain(logits, ('batch', 'length', 'vocab'))
         if cache is not None: cache = cache._replace(index=cache.index + T)
         return logits, cache

@@ -192,7 +192,7 @@ logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
 ce, z, n = token_losses(logits, jnp.array([[0, 2]]), jnp.array([[1.0, 1.0]]), z_loss=1e-4)
 test_close(float(ce / n), -(np.log(0.7) + np.log(0.8)) / 2, eps=1e-6)
 test_close(float(z), 0.0, eps=1e-9)                    # normalised logits: log Z = 0
-m = decay_mask(nnx.state(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), nnx.Param).to_pure_dict())
+m = decay_mask(nnx.to_pure_dict(nnx.state(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), nnx.Param)))
 test_eq((m['final_norm']['scale'], m['layers']['mlp_norm']['scale'], m['layers']['mlp']['up'], m['embed']), (False, False, True, True))
 
 # %% [markdown]
@@ -237,7 +237,7 @@ class Trainer:
     def __post_init__(self):
         cfg = self.cfg
         self.graphdef, self.abstract_state = nnx.split(abstract_model(cfg.model), nnx.Param)
-        self.abstract_params = self.abstract_state.to_pure_dict()
+        self.abstract_params = nnx.to_pure_dict(self.abstract_state)
         self.tx = make_optimizer(cfg)
         p_shard = param_shardings(cfg, self.mesh, self.abstract_params)
         shape = jax.eval_shape(self._init, jax.random.key(0))
@@ -246,10 +246,12 @@ class Trainer:
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
         self.step = jax.jit(self._step, in_shardings=(self.state_sharding, self.batch_sharding), donate_argnums=0,
                             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
+        self.loss_and_grads = jax.jit(self._loss_and_grads, in_shardings=(self.state_sharding, self.batch_sharding),
+                                      out_shardings=(NamedSharding(self.mesh, P()), self.state_sharding['params']))
 
     def _init(self, key):
         pkey, key = jax.random.split(key)
-        params = nnx.state(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)), nnx.Param).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)), nnx.Param))
         return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
 
     def model(self, params) -> Decoder:
@@ -263,9 +265,9 @@ class Trainer:
         ce, z, n = token_losses(logits, mb['targets'], mb['loss_mask'], self.cfg.z_loss)
         return ce + z, (ce, z, n)
 
-    def _step(self, state, batch):
-        cfg, params = self.cfg, state['params']
-        A = cfg.grad_accum
+    def _accumulated(self, params, batch):
+        "Per-token mean loss pieces and gradients, summed over `grad_accum` micro-batches then divided once."
+        A = self.cfg.grad_accum
         micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
         def accumulate(carry, mb):
             g_acc, ce_acc, z_acc, n_acc = carry
@@ -274,10 +276,19 @@ class Trainer:
         zeros = jax.tree.map(jnp.zeros_like, params)
         (g, ce, z, n), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), micro)
         n = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda x: x / n, g)
+        return ce / n, z / n, n, jax.tree.map(lambda x: x / n, g)
+
+    def _loss_and_grads(self, state, batch):
+        "(loss, gradients) of a batch without updating anything: what the equivalence tests compare."
+        ce, z, n, grads = self._accumulated(state['params'], batch)
+        return ce + z, grads
+
+    def _step(self, state, batch):
+        cfg, params = self.cfg, state['params']
+        ce, z, n, grads = self._accumulated(params, batch)
         updates, opt = self.tx.update(grads, state['opt'], params)
         new = dict(params=optax.apply_updates(params, updates), opt=opt, step=state['step'] + 1, rng=state['rng'])
-        metrics = dict(loss=ce / n, z_loss=z / n, grad_norm=optax.global_norm(grads), tokens=n,
+        metrics = dict(loss=ce, z_loss=z, grad_norm=optax.global_norm(grads), tokens=n,
                        lr=multi_phase_schedule(cfg.schedule)(state['step']))
         return new, metrics
 

@@ -111,7 +111,9 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command | ✅ (more subcommands with each stage) |
 # | [07_tokenizer](nbs/07_tokenizer.ipynb) | `tokenizer` | sentencepiece BPE with byte fallback, exact round trips, special tokens, chat template | ✅ |
 # | [08_loader](nbs/08_loader.ipynb) | `data.loader` | token store, packing with segment ids, mixture sampling, sharded and resumable batches | ✅ |
-# | 13 sharding, 14 schedules, 15 train | | FSDP + sequence sharding, multi-phase LR, training | issue 6 |
+# | [13_sharding](nbs/13_sharding.ipynb) | `sharding` | mesh, logical-to-mesh rules, FSDP, ring / all-gather sequence-parallel attention, zigzag balancing | ✅ |
+# | [14_schedules](nbs/14_schedules.ipynb) | `schedules` | multi-phase warmup / stable / cosine / linear / WSD schedules tied to mixture phases | ✅ |
+# | [15_train](nbs/15_train.ipynb) | `train` | sharded train step, AdamW, z-loss, accumulation, MFU, orbax checkpoints, exact resume (`xgen-small pretrain`) | ✅ |
 # | 20 long context, 30 eval | | length extension, RULER-style evaluation | issue 7 |
 # | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |
 # | 40 pipeline | | the whole run, docs site, benchmark report | issue 9 |

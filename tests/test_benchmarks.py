@@ -38,3 +38,8 @@ def test_attention_benchmark_quick():
     rows = _load('attention').main(['--quick'])
     assert {r['impl'] for r in rows} == {'xla', 'blockwise', 'flash', 'splash'}
     assert all('step_s' in r and r['peak_rss_mib'] > 0 for r in rows)
+
+
+def test_train_benchmark_quick():
+    rows = _load('train').main(['--quick'])
+    assert rows and all(r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] < 1.5 for r in rows)

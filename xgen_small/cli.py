@@ -85,6 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('--dedup-threshold', type=float, default=0.6)
     c.add_argument('--total-tokens', type=float, default=None, help='mixture budget across phases (default: the kept corpus size)')
     c.add_argument('--no-progress', action='store_true')
+    t = sub.add_parser('pretrain', help='pre-train from a token store (notebook 08) with a TrainConfig JSON file and overrides')
+    t.add_argument('--data', required=True, help='token store directory')
+    t.add_argument('--out', required=True, help='run directory (checkpoints, history); an existing run is resumed')
+    t.add_argument('--config', default=None, help='TrainConfig JSON (default: the tiny preset defaults)')
+    t.add_argument('--set', dest='overrides', action='append', default=[], metavar='FIELD=VALUE',
+                   help="override a TrainConfig field, e.g. model.d_model=256, batch_size=16, schedule.0.peak_lr=1e-3")
+    t.add_argument('--steps', type=int, default=None, help='stop after this many steps in total (default: the schedule length)')
+    t.add_argument('--no-progress', action='store_true')
     return p
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             for reason, n in sorted(s['reasons'].items(), key=lambda kv: -kv[1]): print(f'  {n:6,}  {reason}')
             for e in s['inputs']:
                 if e['error']: print(f"  shard {e['path']}: {e['error']}", file=sys.stderr)
+        elif args.command == 'pretrain':
+            import json
+            from pathlib import Path
+            from xgen_small.train import TrainConfig, TrainingDiverged, apply_overrides, train
+            cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else TrainConfig()
+            cfg = apply_overrides(cfg, args.overrides)
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
+            try: r = train(cfg, args.data, args.out, steps=args.steps, progress=not args.no_progress)
+            except TrainingDiverged as e:
+                print(f'xgen-small pretrain: {e}', file=sys.stderr); return 3
+            if r.history: print(f"trained to step {r.history[-1]['step']}: loss {r.history[-1]['loss']:.4f}; run in {args.out}")
+            else: print(f'nothing to do: the run in {args.out} is already at its last step')
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2
