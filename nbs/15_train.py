@@ -99,6 +99,7 @@ class TrainConfig:
     save_every: int = 50
     keep: int = 3
     balance_sequence: bool = True        # zigzag the length axis when it is sharded (notebook 13)
+    split: str = 'fill'                  # packing: 'fill' rows completely, or 'boundary' (documents start rows; notebook 08)
 
     def __post_init__(self):
         if self.batch_size % self.grad_accum: raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
@@ -106,6 +107,7 @@ class TrainConfig:
         for n in ('seq_len', 'batch_size', 'grad_accum', 'log_every', 'save_every', 'keep'):
             if getattr(self, n) < 1: raise ConfigError(f"TrainConfig.{n} must be positive")
         if not self.schedule: raise ConfigError("TrainConfig.schedule needs at least one phase")
+        if self.split not in ('fill', 'boundary'): raise ConfigError(f"TrainConfig.split must be 'fill' or 'boundary', got {self.split!r}")
 
     @property
     def steps(self) -> int: return total_steps(self.schedule)
@@ -244,6 +246,7 @@ class Trainer:
         self.state_sharding = _state_shardings(shape, p_shard, self.mesh)
         self.batch_sharding = data_sharding(self.mesh, cfg.mesh.rules)
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
+        self.init_from = jax.jit(self._init_from, in_shardings=(p_shard, None), out_shardings=self.state_sharding)
         self.step = jax.jit(self._step, in_shardings=(self.state_sharding, self.batch_sharding), donate_argnums=0,
                             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
         self.loss_and_grads = jax.jit(self._loss_and_grads, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -252,6 +255,11 @@ class Trainer:
     def _init(self, key):
         pkey, key = jax.random.split(key)
         params = nnx.to_pure_dict(nnx.state(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)), nnx.Param))
+        return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
+
+    def _init_from(self, params, key):
+        "A fresh optimizer state around given `params` (fine-tuning, length extension)."
+        params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, self.abstract_params)
         return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
 
     def model(self, params) -> Decoder:
@@ -403,13 +411,27 @@ class TrainResult:
 
 def _loader_for(store, cfg: TrainConfig, phase: str, state=None) -> Loader:
     ph = phase if phase in store.phases else None
-    lc = LoaderConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(), phase=ph, seed=cfg.seed,
+    lc = LoaderConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(), phase=ph, seed=cfg.seed, split=cfg.split,
                       process_index=jax.process_index(), process_count=jax.process_count())
     return Loader(store, lc, state, vocab_size=cfg.model.vocab_size)
 
+def _checked_params(params: dict, abstract: dict) -> dict:
+    "`params` if its tree and shapes match the model's, else a ValueError naming the first difference."
+    want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, a in want:
+        name = jax.tree_util.keystr(path)
+        if path not in got: raise ValueError(f"init_params has no parameter {name}")
+        if tuple(got[path].shape) != tuple(a.shape):
+            raise ValueError(f"init_params{name} has shape {tuple(got[path].shape)}, the model wants {tuple(a.shape)}")
+    if len(got) != len(want): raise ValueError(f"init_params has {len(got) - len(want)} parameter(s) the model does not have")
+    return params
+
 def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: int | None = None, progress: bool = True,
-          peak_flops: float | None = None) -> TrainResult:
-    "Train (or resume) for `steps` (default: the schedule's length) on `store`, checkpointing into `out_dir`."
+          peak_flops: float | None = None, init_params: dict | None = None) -> TrainResult:
+    """Train (or resume) for `steps` (default: the schedule's length) on `store`, checkpointing into `out_dir`.
+    `init_params`: start from these parameters (a pure dict, e.g. a pre-trained model's) instead of a random init;
+    ignored when `out_dir` already holds a checkpoint to resume."""
     store = TokenStore.open(store) if not isinstance(store, TokenStore) else store
     steps = cfg.steps if steps is None else min(steps, cfg.steps)
     peak = peak_flops or measured_peak_flops()        # measured outside the mesh, on one device of this machine
@@ -419,7 +441,9 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
         ckpt = Checkpointer(Path(out_dir) / 'checkpoints', cfg.save_every, cfg.keep)
         start = ckpt.latest()
         if start is None:
-            state, loader_state, phase = tr.init(jax.random.key(cfg.seed)), None, phase_at(cfg.schedule, 0)
+            key = jax.random.key(cfg.seed)
+            state = tr.init(key) if init_params is None else tr.init_from(_checked_params(init_params, tr.abstract_params), key)
+            loader_state, phase = None, phase_at(cfg.schedule, 0)
         else:
             target = (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding)
             state, saved_loader, saved_cfg = ckpt.restore(start, target)
