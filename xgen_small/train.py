@@ -303,7 +303,7 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
         start = ckpt.latest()
         if start is None:
             key = jax.random.key(cfg.seed)
-            state = tr.init(key) if init_params is None else tr.init_from(_checked_params(init_params, tr.abstract_params), key)
+            state = tr.init(key) if init_params is None else tr.init_from(jax.device_get(_checked_params(init_params, tr.abstract_params)), key)
             loader_state, phase = None, phase_at(cfg.schedule, 0)
         else:
             target = (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding)
