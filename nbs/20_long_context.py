@@ -1,0 +1,512 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Long context: two-stage extension and over-length training
+#
+# > Why the RoPE base must grow, the stage recipe (32K, 128K, then 256K over-length at full scale; 512 to 2K, then 4K on a CPU), the long-document mixture, and the extension run on the sequence-sharded, memory-linear path.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/20_long_context.ipynb)
+
+# %%
+#| default_exp extend
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %% [markdown]
+# xGen-small is pre-trained at a short context and then *extended*: "two-stage extension (32K then 128K),
+# over-length training to 256K, and sequence parallelism to manage memory constraints". Three ideas are packed in
+# that sentence, and this notebook builds each:
+#
+# 1. **Change the position encoding for the new length.** A model trained at length $L$ has only ever seen
+#    relative distances below $L$; RoPE at larger distances produces rotation angles it has never seen. Raising
+#    the RoPE base stretches every wavelength so the new length looks, to the slow dimensions, like the old one.
+# 2. **Train in stages on long documents.** Each stage trains at its length on a mixture where long-range
+#    dependencies actually occur: long natural documents, related documents concatenated, and synthetic
+#    retrieval documents whose answer sits thousands of tokens before the question.
+# 3. **Train beyond the target.** The last stage trains at twice the final length (256K for a 128K model), so
+#    that every position up to the advertised context is well inside the trained range rather than at its edge.
+#
+# Attention at these lengths is quadratic in time but need not be in memory: the stages run on the
+# memory-linear blockwise path (notebook 11) and, when the mesh has a `sequence` axis, the ring sequence-parallel
+# attention of notebook 13, which splits each sequence across devices.
+
+# %%
+#| export
+from __future__ import annotations
+
+import gzip
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from xgen_small import ruler
+from xgen_small.config import ConfigError, ModelConfig
+from xgen_small.data.loader import TokenStore, build_token_store
+from xgen_small.layers import rope_frequencies
+from xgen_small.model import Decoder
+from xgen_small.schedules import LRPhase
+from xgen_small.sharding import MeshConfig
+from xgen_small.tokenizer import Tokenizer
+from xgen_small.train import TrainConfig, TrainResult, train
+
+# %% [markdown]
+# ## Why the RoPE base must grow
+#
+# RoPE rotates each pair $i$ of query/key dimensions by the angle $m\,\omega_i$ at position $m$, with
+# $\omega_i = \theta^{-2i/d}$: fast pairs (small $i$) turn many times within a few tokens, slow pairs (large $i$)
+# have wavelengths $2\pi/\omega_i$ far longer than the context. The attention score between positions $m$ and $n$
+# depends on $(m-n)\,\omega_i$ only. Two consequences, plotted below:
+#
+# * **Left: wavelengths against the context.** Pairs whose wavelength is shorter than the training length have
+#   seen every angle during pre-training; pairs whose wavelength is longer have seen only the arc
+#   $[0, L\,\omega_i)$. At distances beyond $L$ those slow pairs produce angles never seen in training, which is
+#   why a model's retrieval collapses past its training length. A larger base shifts the whole curve up, so that
+#   at the new length $L'$ the slow pairs again sweep no more than the arc they swept at $L$.
+# * **Right: the long-range decay.** Su et al. (RoFormer, 2021, §3.4.3) bound $|q \cdot k|$ by a quantity that
+#   decays with distance; with base 10,000 and head size 128 the bound has reached its floor well before 32K
+#   tokens, so distant tokens cannot be told apart from noise by position. Larger bases decay later: the curves
+#   for 500K (Llama 3's choice) and 8M reach the 128K range still above the floor.
+#
+# Which base for which length? We use the "NTK-aware" rule (bloc97, 2023; analysed by Peng et al., YaRN,
+# arXiv 2309.00071): for a length ratio $s = L'/L$, $\theta' = \theta\, s^{d/(d-2)}$, which keeps the angle swept
+# by the slowest pair at $L'$ equal to what it was at $L$. The paper does not publish its bases; this rule is our
+# documented choice, and every stage can override it.
+
+# %%
+#| export
+def rope_base_for(theta: float, head_dim: int, base_len: int, target_len: int) -> float:
+    "The NTK-aware RoPE base for extending a model trained at `base_len` with base `theta` to `target_len`."
+    if target_len < base_len: raise ValueError(f"target_len {target_len} is shorter than base_len {base_len}")
+    return float(theta * (target_len / base_len) ** (head_dim / (head_dim - 2)))
+
+def rope_decay_bound(freqs: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    "RoFormer's relative upper bound of |q.k| at each distance: the mean over j of |sum_{i<=j} exp(1j * m * w_i)|."
+    partial = np.cumsum(np.exp(1j * np.outer(distances, freqs)), axis=1)
+    return np.abs(partial).mean(axis=1)
+
+# %%
+import matplotlib.pyplot as plt
+theta0, d_tiny = 10_000.0, 32
+ext = rope_base_for(theta0, d_tiny, 512, 2048)
+fig, ax = plt.subplots(1, 2, figsize=(11.5, 3.8))
+for th, label in [(theta0, 'base 10,000 (pre-training at 512)'), (ext, f'base {ext:,.0f} (extended to 2K)')]:
+    ax[0].semilogy(2 * np.pi / rope_frequencies(d_tiny, th), 'o-', ms=3, label=label)
+for L, ls in [(512, '--'), (2048, ':')]:
+    ax[0].axhline(L, color='k', ls=ls, lw=0.8); ax[0].text(0.2, L * 1.2, f'{L} tokens', fontsize=8)
+ax[0].set(xlabel='pair index i (tiny model, head_dim 32)', ylabel='wavelength 2π/ω_i (tokens)', title='RoPE wavelengths vs. context length')
+ax[0].legend(fontsize=8, loc='lower right')
+dist = np.unique(np.geomspace(1, 262_144, 2500).astype(int))
+for th in (1e4, 5e5, 8e6):
+    b = rope_decay_bound(rope_frequencies(128, th), dist)
+    k = 15; ax[1].semilogx(dist[k - 1:], np.convolve(b, np.ones(k) / k, mode='valid'), label=f'base {th:,.0f}')
+for L in (8192, 32768, 131072): ax[1].axvline(L, color='k', ls=':', lw=0.8)
+ax[1].set(xlabel='relative distance (tokens); dotted: 8K, 32K, 128K', ylabel='bound on |q·k| (smoothed)',
+          title='long-range decay, head_dim 128'); ax[1].legend(fontsize=8)
+fig.tight_layout(); plt.show()
+
+# %% [markdown]
+# The angle that the slowest pair sweeps over the whole context is what the rule holds fixed:
+
+# %%
+slow = lambda th, d: rope_frequencies(d, th)[-1]
+for L in (512, 1024, 2048, 4096):
+    th = rope_base_for(theta0, d_tiny, 512, L)
+    print(f'{L:>5} tokens: base {th:>9,.0f}   slowest pair sweeps {L * slow(th, d_tiny):.4f} rad over the context')
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+test_close(rope_base_for(1e4, 32, 512, 512), 1e4)
+for L in (1024, 4096, 131072): test_close(L * slow(rope_base_for(1e4, 32, 512, L), 32), 512 * slow(1e4, 32), eps=1e-6)
+test_close(rope_base_for(5e5, 128, 8192, 32768), 5e5 * 4 ** (128 / 126))
+test_fail(lambda: rope_base_for(1e4, 32, 1024, 512), contains='shorter')
+b = rope_decay_bound(rope_frequencies(128, 1e4), np.array([0, 100_000]))
+test_close(b[0], (1 + 64) / 2)                  # distance 0: every partial sum is j terms of 1, mean over j = 1..64
+assert b[1] < b[0] / 3                           # and it has decayed far by 100K tokens
+
+# %% [markdown]
+# ## The stage recipe
+#
+# A stage is a length, a RoPE base, a learning-rate schedule, a batch, a mixture and a mesh. The recipe checks
+# the shape the paper describes: lengths strictly increasing from the pre-training length, and, when the last
+# stage is over-length, that it trains at twice the target and keeps the target stage's RoPE base (the model is
+# then evaluated at the target, with the base it was trained for).
+#
+# Full-scale values are ours where the paper is silent: an 8K pre-training context with base 500,000 (as our
+# `xgen_4b` / `xgen_9b` presets), NTK-aware bases for 32K and 128K, about 4M tokens per step, and
+# sequence-parallel degrees that keep one sequence's activations per chip bounded as the length grows.
+
+# %%
+#| export
+MIXTURE_PARTS = ('long_natural', 'concatenated', 'retrieval')
+
+@dataclass(frozen=True)
+class ExtensionStage:
+    "One length-extension stage."
+    name: str
+    seq_len: int
+    rope_theta: float
+    steps: int
+    batch_size: int
+    peak_lr: float
+    warmup_steps: int = 10
+    final_lr: float = 0.0
+    sequence: int = 1                    # sequence-parallel degree (mesh axis 'sequence')
+    mixture: tuple = (('long_natural', 0.3), ('concatenated', 0.3), ('retrieval', 0.4))
+    overlength: bool = False
+
+    def __post_init__(self):
+        for n in ('seq_len', 'steps', 'batch_size', 'sequence'):
+            if getattr(self, n) < 1: raise ConfigError(f"stage {self.name!r}: {n} must be positive")
+        if self.rope_theta <= 0 or self.peak_lr <= 0: raise ConfigError(f"stage {self.name!r}: rope_theta and peak_lr must be positive")
+        if self.seq_len % self.sequence: raise ConfigError(f"stage {self.name!r}: seq_len {self.seq_len} must divide by sequence {self.sequence}")
+        parts = dict(self.mixture)
+        if set(parts) - set(MIXTURE_PARTS): raise ConfigError(f"stage {self.name!r}: unknown mixture parts {sorted(set(parts) - set(MIXTURE_PARTS))}")
+        if abs(sum(parts.values()) - 1) > 1e-6 or min(parts.values()) < 0:
+            raise ConfigError(f"stage {self.name!r}: mixture shares must be non-negative and sum to 1, got {parts}")
+
+    @property
+    def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
+
+@dataclass(frozen=True)
+class ExtensionRecipe:
+    "Pre-training length and base, then the stages in order."
+    base_len: int
+    base_theta: float
+    stages: tuple
+
+    def __post_init__(self):
+        if not self.stages: raise ConfigError("an extension recipe needs at least one stage")
+        lens = [self.base_len] + [s.seq_len for s in self.stages]
+        if any(b <= a for a, b in zip(lens, lens[1:])): raise ConfigError(f"stage lengths must increase from the pre-training length: {lens}")
+        if any(s.overlength for s in self.stages[:-1]): raise ConfigError("only the last stage can be over-length")
+        last = self.stages[-1]
+        if last.overlength:
+            if len(self.stages) < 2: raise ConfigError("an over-length stage needs a target stage before it")
+            target = self.stages[-2]
+            if last.seq_len != 2 * target.seq_len:
+                raise ConfigError(f"the over-length stage trains at 2x the target ({2 * target.seq_len}), not {last.seq_len}")
+            if last.rope_theta != target.rope_theta:
+                raise ConfigError("the over-length stage keeps the target stage's RoPE base")
+
+    @property
+    def target_len(self) -> int:
+        "The advertised context: the last stage that is not over-length."
+        return [s for s in self.stages if not s.overlength][-1].seq_len
+
+    def to_dict(self) -> dict:
+        return dict(base_len=self.base_len, base_theta=self.base_theta,
+                    stages=[dict(s.__dict__, mixture=[list(m) for m in s.mixture]) for s in self.stages])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExtensionRecipe:
+        stages = tuple(ExtensionStage(**dict(s, mixture=tuple(tuple(m) for m in s.get('mixture', ExtensionStage.mixture)))) for s in d['stages'])
+        return cls(d['base_len'], float(d['base_theta']), stages)
+
+def extension_recipe(base_len: int, base_theta: float, head_dim: int, lengths, *, steps, batch_sizes, peak_lr: float,
+                     overlength: bool = True, sequence=None, final_lr_ratio: float = 0.1, warmup_steps: int = 10) -> ExtensionRecipe:
+    """Stages at each of `lengths` with NTK-aware bases, plus an over-length stage at twice the last one.
+    `steps`, `batch_sizes`, `sequence`: one value per stage (over-length included when `overlength`)."""
+    lens = list(lengths) + ([2 * lengths[-1]] if overlength else [])
+    sequence = sequence or [1] * len(lens)
+    if not len(steps) == len(batch_sizes) == len(sequence) == len(lens):
+        raise ConfigError(f"need one steps / batch size / sequence value per stage ({len(lens)} stages)")
+    stages = []
+    for i, L in enumerate(lens):
+        over = overlength and i == len(lens) - 1
+        theta = stages[-1].rope_theta if over else rope_base_for(base_theta, head_dim, base_len, L)
+        stages.append(ExtensionStage('overlength' if over else f'stage{i + 1}', L, theta, steps[i], batch_sizes[i], peak_lr,
+                                     min(warmup_steps, steps[i]), peak_lr * final_lr_ratio, sequence[i], overlength=over))
+    return ExtensionRecipe(base_len, base_theta, tuple(stages))
+
+EXTENSION_PRESETS = {
+    # the paper's shape at full scale: 8K -> 32K -> 128K, then 256K over-length, about 4M tokens per step
+    'xgen': extension_recipe(8192, 500_000.0, 128, (32_768, 131_072), steps=(1000, 1000, 250), batch_sizes=(128, 32, 16),
+                             peak_lr=1e-5, sequence=(1, 4, 8)),
+    # the tiny model on a CPU: 512 -> 1K -> 2K, then 4K over-length
+    # (sequence-parallel degrees fit the 8 host devices of the tests; one device runs it unsharded)
+    'cpu': extension_recipe(512, 10_000.0, 32, (1024, 2048), steps=(80, 80, 40), batch_sizes=(4, 2, 1), peak_lr=3e-3,
+                            sequence=(2, 4, 8)),
+}
+
+# %%
+for name, r in EXTENSION_PRESETS.items():
+    print(f'{name}: pre-trained at {r.base_len:,} (base {r.base_theta:,.0f}), target {r.target_len:,}')
+    for s in r.stages:
+        print(f'  {s.name:>10}: {s.seq_len:>7,} tokens  base {s.rope_theta:>12,.0f}  {s.steps:>5} steps x {s.batch_size:>3} rows '
+              f'= {s.tokens:>13,} tokens  sequence-parallel {s.sequence}')
+
+# %%
+r = EXTENSION_PRESETS['xgen']
+test_eq([s.seq_len for s in r.stages], [32_768, 131_072, 262_144])
+test_eq(r.target_len, 131_072)
+test_eq(r.stages[-1].rope_theta, r.stages[-2].rope_theta)
+test_eq(ExtensionRecipe.from_dict(json.loads(json.dumps(r.to_dict()))), r)
+test_eq([s.seq_len for s in EXTENSION_PRESETS['cpu'].stages], [1024, 2048, 4096])
+st = r.stages[0]
+test_fail(lambda: ExtensionRecipe(8192, 5e5, (replace(st, seq_len=4096),)), contains='increase')
+test_fail(lambda: ExtensionRecipe(8192, 5e5, (st, replace(r.stages[1], overlength=True, seq_len=100_000))), contains='2x the target')
+test_fail(lambda: replace(st, mixture=(('retrieval', 0.5),)), contains='sum to 1')
+test_fail(lambda: replace(st, mixture=(('books', 1.0),)), contains='unknown mixture')
+test_fail(lambda: replace(st, sequence=3), contains='divide')
+
+# %% [markdown]
+# ## The long-document mixture
+#
+# Length extension only teaches long-range use if long-range dependencies are in the data. Most web and code
+# documents are short (the sample corpus's median is about 400 tokens), so the stage mixture has three parts:
+#
+# * `long_natural`: documents that are long on their own (at least a quarter of the stage length);
+# * `concatenated`: *related* documents joined into one: same domain, chained greedily so that each next
+#   document shares the most words with the previous one (the idea of in-context pre-training, Shi et al.,
+#   arXiv 2310.10638, with a cheap similarity);
+# * `retrieval`: synthetic documents from notebook 19 (needles, multi-key, multi-query, multi-value, variable
+#   tracking) at lengths spread over the stage length, each followed by its answer, plus "copy" documents that
+#   repeat a random span after a gap. These are training data *of the same families* as the RULER evaluation,
+#   drawn from disjoint seeds: what the evaluation then measures is whether the ability holds *at each length*.
+#
+# Shares are by tokens. A part that the corpus cannot fill (no document is long enough) hands its share to
+# `concatenated`, and the returned counts say so.
+
+# %%
+#| export
+RETRIEVAL_TASKS = ('niah_single', 'niah_multikey', 'niah_multiquery', 'niah_multivalue', 'vt')
+TRAIN_SEED_OFFSET = 1_000_000        # training documents use seeds from here on; evaluation uses small seeds
+
+def copy_document(tok: Tokenizer, length: int, rng) -> list:
+    "A random span of key words and digits, a gap of noise, then the span again: in-context copying at a distance."
+    pool = list(ruler.KEY_WORDS) + list('0123456789')
+    span = tok.encode(' ' + ' '.join(str(w) for w in rng.choice(pool, int(rng.integers(3, 12)))))
+    noise = tok.encode(ruler.NOISE)
+    gap = int(rng.integers(0, max(1, length - 2 * len(span) - 12)))
+    return tok.encode(' Copy this:') + span + (noise * (gap // len(noise) + 1))[:gap] + tok.encode(' Again:') + span + tok.encode('.')
+
+def recall_document(tok: Tokenizer, rng, digits: int = 5, max_gap: int = 24) -> list:
+    "A short key-value recall document, `' key: 12345. <noise> key: 12345.'`: the densest retrieval signal there is."
+    key, value = str(rng.choice(ruler.KEY_WORDS)), ruler._value(rng, digits)
+    noise = tok.encode(ruler.NOISE)
+    gap = int(rng.integers(0, max_gap + 1))
+    return tok.encode(f' {key}: {value}.') + (noise * (gap // len(noise) + 1))[:gap] + tok.encode(f' {key}: {value}.')
+
+def retrieval_documents(tok: Tokenizer, n_tokens: int, max_len: int, seed: int = 0, tasks=RETRIEVAL_TASKS,
+                        cfg: ruler.RulerConfig = ruler.RulerConfig(digits=5), copy_share: float = 0.3) -> list[list]:
+    "Synthetic retrieval documents (token ids) totalling about `n_tokens`, each at most `max_len` tokens."
+    docs, total, i = [], 0, 0
+    while total < n_tokens:
+        rng = np.random.default_rng([seed, i])
+        s = TRAIN_SEED_OFFSET + seed * 1_000_003 + i
+        i += 1
+        if rng.random() < copy_share: d = copy_document(tok, int(rng.integers(64, max_len)), rng)
+        else:
+            try: d = ruler.training_document(tok, tasks[int(rng.integers(len(tasks)))], int(rng.integers(max_len // 8, max_len - 8)), s, cfg)
+            except ValueError: continue          # a task that does not fit this length: draw again
+        docs.append(d[:max_len - 1]); total += len(docs[-1])
+    return docs
+
+def _related_chains(docs: list[dict], lengths: list[int], target: int, rng) -> list[list[int]]:
+    "Greedy chains of same-domain documents, each next one the most word-overlapping of a random candidate pool."
+    chains = []
+    by_domain = {}
+    for i, d in enumerate(docs): by_domain.setdefault(d['domain'], []).append(i)
+    words = [set(d['text'].lower().split()) for d in docs]
+    for dom, idx in sorted(by_domain.items()):
+        left = [int(i) for i in rng.permutation(idx)]
+        while left:
+            chain, n = [left.pop()], 0
+            n = lengths[chain[0]]
+            while n < target and left:
+                pool = left[:64]
+                best = max(pool, key=lambda j: len(words[chain[-1]] & words[j]) / (len(words[chain[-1]] | words[j]) or 1))
+                left.remove(best); chain.append(best); n += lengths[best]
+            if n >= target // 2: chains.append(chain)
+    return chains
+
+def long_context_records(tok: Tokenizer, docs: list[dict], seq_len: int, n_tokens: int, mixture=ExtensionStage.mixture,
+                         seed: int = 0, retrieval_cfg: ruler.RulerConfig = ruler.RulerConfig(digits=5)) -> tuple[list, dict]:
+    """Text records (`text`, `domain` = mixture part) for one stage: about `n_tokens` in `mixture` shares.
+    `docs`: natural documents (dicts with `text` and `domain`). Returns the records and the tokens per part."""
+    if not docs: raise ValueError("long_context_records needs natural documents")
+    rng = np.random.default_rng(seed)
+    shares = dict(mixture)
+    lengths = [len(ids) for ids in tok.encode_batch([d['text'] for d in docs], errors='replace')]
+    want = {p: int(shares.get(p, 0) * n_tokens) for p in MIXTURE_PARTS}
+    out, got = [], dict.fromkeys(MIXTURE_PARTS, 0)
+    long_idx = [int(i) for i in rng.permutation(len(docs)) if lengths[i] >= seq_len // 4]
+    for i in long_idx:
+        if got['long_natural'] >= want['long_natural']: break
+        out.append(dict(text=docs[i]['text'], domain='long_natural')); got['long_natural'] += lengths[i]
+    want['concatenated'] += max(0, want['long_natural'] - got['long_natural'])   # not enough long documents
+    sep = '\n\n'
+    while got['concatenated'] < want['concatenated']:
+        chains = _related_chains(docs, lengths, seq_len, rng)
+        if not chains: raise ValueError(f"the documents cannot be chained to {seq_len // 2} tokens or more")
+        for c in chains:
+            if got['concatenated'] >= want['concatenated']: break
+            out.append(dict(text=sep.join(docs[j]['text'] for j in c), domain='concatenated'))
+            got['concatenated'] += sum(lengths[j] for j in c)
+    if want['retrieval']:
+        for ids in retrieval_documents(tok, want['retrieval'], seq_len, seed, cfg=retrieval_cfg):
+            out.append(dict(text=tok.decode(ids), domain='retrieval')); got['retrieval'] += len(ids)
+    order = rng.permutation(len(out))
+    return [out[i] for i in order], got
+
+def write_store(records: list[dict], tok: Tokenizer, out_dir) -> TokenStore:
+    "Tokenise text `records` (with `domain`) into a token store at `out_dir` (one pass, every document once)."
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / 'records.jsonl.gz'
+    with gzip.open(src, 'wt', encoding='utf-8') as f:
+        for r in records: f.write(json.dumps(dict(text=r['text'], domain=r['domain'])) + '\n')
+    return build_token_store([src], tok, out_dir)
+
+# %%
+from xgen_small.data.sample import load_sample
+from xgen_small.tokenizer import train_tokenizer
+sample = load_sample()
+tok = Tokenizer(train_tokenizer([d['text'] for d in sample[:600]], 4096))
+recs, counts = long_context_records(tok, sample, 2048, 200_000, seed=0)
+print({k: f'{v:,} tokens ({v / sum(counts.values()):.0%})' for k, v in counts.items()}, f'{len(recs)} documents')
+for part in MIXTURE_PARTS:
+    r = next(x for x in recs if x['domain'] == part)
+    print(f'--- {part} ({len(tok.encode(r["text"])):,} tokens):', r['text'][:160].replace('\n', ' '), '...')
+
+# %%
+test_close(sum(counts.values()), 200_000, eps=20_000)
+for p, s in ExtensionStage.mixture: test_close(counts[p] / sum(counts.values()), s, eps=0.05)
+rec2, _ = long_context_records(tok, sample, 2048, 200_000, seed=0)
+test_eq([r['text'] for r in rec2], [r['text'] for r in recs])              # deterministic for a seed
+ret = [len(tok.encode(r['text'])) for r in recs if r['domain'] == 'retrieval']
+assert max(ret) <= 2048 and min(ret) < 600, (min(ret), max(ret))         # spread over the stage length, none too long
+test_fail(lambda: long_context_records(tok, [], 2048, 1000), contains='natural documents')
+
+# %% [markdown]
+# ## Running the stages
+#
+# `extend` trains each stage with the training loop of notebook 15, starting from the previous stage's weights
+# (fresh optimizer state, its own warmup and cosine decay), with the model config changed only where the stage
+# says: the RoPE base and the longest length. On a mesh with a `sequence` axis the stage uses the ring
+# sequence-parallel attention; otherwise the platform's memory-linear kernel (blockwise JAX on CPU beyond 512
+# tokens, flash on GPU, splash on TPU). Each stage writes its own run directory, so an interrupted extension
+# resumes inside the stage it was in, and finished stages are skipped.
+
+# %%
+#| export
+def stage_model_config(base: ModelConfig, stage: ExtensionStage) -> ModelConfig:
+    "The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if sharded."
+    impl = 'seq_ring' if stage.sequence > 1 else ('auto' if base.attention_impl.startswith('seq_') else base.attention_impl)
+    return base.replace(rope_theta=float(stage.rope_theta), max_seq_len=max(base.max_seq_len, stage.seq_len),
+                        attention_impl=impl, rope_scaling='none', rope_factor=1.0)
+
+def stage_mesh(stage: ExtensionStage, n_devices: int, base: MeshConfig = MeshConfig()) -> MeshConfig:
+    """The mesh for `stage` on `n_devices`: the stage's sequence-parallel degree (or the largest divisor of the
+    device count below it), FSDP over the rest."""
+    seq = max(d for d in range(1, min(stage.sequence, n_devices) + 1) if n_devices % d == 0 and stage.seq_len % d == 0)
+    fsdp = n_devices // seq
+    if stage.batch_size % fsdp:
+        raise ConfigError(f"stage {stage.name!r}: {n_devices} devices with sequence-parallel {seq} leave {fsdp} for the batch, "
+                          f"which {stage.batch_size} rows do not divide; raise the stage's sequence or batch_size")
+    return replace(base, data=1, fsdp=fsdp, sequence=seq, tensor=1)
+
+def stage_train_config(base: TrainConfig, stage: ExtensionStage, n_devices: int | None = None) -> TrainConfig:
+    "A `TrainConfig` for `stage` on `n_devices` (default: all), keeping `base`'s optimizer settings and seed."
+    mesh = stage_mesh(stage, n_devices or jax.device_count(), base.mesh)
+    stage = replace(stage, sequence=mesh.sequence)
+    sched = (LRPhase(stage.name, stage.steps, stage.peak_lr, stage.warmup_steps, 'cosine', stage.final_lr),)
+    return replace(base, model=stage_model_config(base.model, stage), seq_len=stage.seq_len, batch_size=stage.batch_size,
+                   grad_accum=1, schedule=sched, mesh=mesh, split='boundary')
+
+def eval_config(cfg: ModelConfig) -> ModelConfig:
+    "The extended model's config for inference on any device: the stage's base, unsharded attention."
+    return cfg.replace(attention_impl='auto') if cfg.attention_impl.startswith('seq_') else cfg
+
+@dataclass
+class ExtensionResult:
+    params: dict
+    model_config: ModelConfig
+    stages: list                     # per stage: name, seq_len, rope_theta, tokens, final loss, seconds
+    history: dict = field(default_factory=dict)
+
+    def model(self) -> Decoder:
+        "The extended model, ready for evaluation."
+        shell = nnx.eval_shape(lambda: Decoder(self.model_config, rngs=nnx.Rngs(0)))
+        state = nnx.state(shell, nnx.Param)
+        nnx.replace_by_pure_dict(state, self.params)
+        return nnx.merge(nnx.graphdef(shell), state)
+
+def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: Tokenizer, docs: list[dict], out_dir, *,
+           progress: bool = True, peak_flops: float | None = None, steps_scale: float = 1.0) -> ExtensionResult:
+    """Run every stage of `recipe` from pre-trained `params` (of `train_cfg.model`), building each stage's
+    long-document store from `docs`. Resumable: finished stages are reloaded, an interrupted one resumes."""
+    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    if train_cfg.model.rope_theta != recipe.base_theta:
+        raise ConfigError(f"the pre-trained model has RoPE base {train_cfg.model.rope_theta}, the recipe starts from {recipe.base_theta}")
+    (out_dir / 'recipe.json').write_text(json.dumps(recipe.to_dict(), indent=1))
+    rows, history = [], {}
+    for i, stage in enumerate(recipe.stages):
+        if steps_scale != 1.0: stage = replace(stage, steps=max(1, round(stage.steps * steps_scale)),
+                                                warmup_steps=min(stage.warmup_steps, max(1, round(stage.steps * steps_scale))))
+        cfg = stage_train_config(train_cfg, stage)
+        sdir = out_dir / stage.name
+        store_dir = sdir / 'data'
+        if not (store_dir / 'meta.json').exists():
+            need = int(stage.tokens * 1.1) + stage.seq_len * stage.batch_size
+            recs, _ = long_context_records(tok, docs, stage.seq_len, need, stage.mixture, seed=train_cfg.seed + i)
+            write_store(recs, tok, store_dir)
+        t0 = time.perf_counter()
+        res = train(cfg, store_dir, sdir, progress=progress, peak_flops=peak_flops, init_params=params)
+        params = jax.device_get(res.state['params'])
+        hist = [json.loads(l) for l in (sdir / 'history.jsonl').read_text().splitlines()] if (sdir / 'history.jsonl').exists() else res.history
+        history[stage.name] = hist
+        rows.append(dict(stage=stage.name, seq_len=stage.seq_len, rope_theta=stage.rope_theta, tokens=stage.tokens,
+                         loss=hist[-1]['loss'] if hist else float('nan'), seconds=round(time.perf_counter() - t0, 1)))
+    return ExtensionResult(params, eval_config(cfg.model), rows, history)
+
+# %% [markdown]
+# ## The point of the stages, on the tiny model: not demonstrated yet
+#
+# The demonstration this notebook should end with: a model pre-trained at 512 tokens retrieves a passkey at 512
+# but not beyond, and after 1K, 2K and the 4K over-length stage retrieves at 2K with at least 90% exact match.
+# **We have not reached it on a CPU budget, and say so here rather than show a weaker claim.** The recipe is in
+# `benchmarks/long_context_demo.py` (about 20 minutes on 2 cores); what it measured on its last run:
+#
+# | model | passkey (`niah_single`, 5 digits) at 512 / 1K / 2K / 4K |
+# |---|---|
+# | pre-trained at 512 (recall bootstrap, then 512-token mixture) | 0 / 0 / 0 / 0 % |
+# | after 1K -> 2K -> 4K over-length | 0 / 0 / 0 / 0 % |
+#
+# The blocker is upstream of length extension: retrieval needs induction heads (Olsson et al., 2022), and within
+# a few million tokens the tiny model does not form them. We checked that this is the budget, not our model:
+# Hugging Face's `LlamaForCausalLM` with the same shape, optimizer and data (repeated random spans, 400 steps of
+# 64 x 64 tokens) also stays at chance. A probe on synthetic token ids (one key token, five digit tokens, a gap,
+# then the pair again, packed 128 to a row) *did* reach 79% teacher-forced copy accuracy in 600 steps, but the same
+# idea as text documents through the tokenizer (`recall_document`, 500 steps) stayed at chance (12.5%), so the
+# passkey never had a working mechanism to extend. The extension machinery itself (stages, RoPE bases, mixture,
+# sequence-parallel training on 2-, 4- and 8-way rings, resumption) is exercised end to end by
+# `tests/test_extend.py` and the CLI.
+
+# %%
+#| hide
+#| eval: false
+import nbdev; nbdev.nbdev_export()
