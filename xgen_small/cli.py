@@ -93,7 +93,90 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a TrainConfig field, e.g. model.d_model=256, batch_size=16, schedule.0.peak_lr=1e-3")
     t.add_argument('--steps', type=int, default=None, help='stop after this many steps in total (default: the schedule length)')
     t.add_argument('--no-progress', action='store_true')
+    e = sub.add_parser('extend', help='two-stage length extension plus over-length training of a pre-trained run (notebook 20)')
+    e.add_argument('--run', required=True, help='pre-training run directory (its latest checkpoint is extended)')
+    e.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
+    e.add_argument('--out', required=True, help='extension directory (one sub-directory per stage); resumed when it exists')
+    e.add_argument('--recipe', default='cpu', help="'cpu', 'xgen' or a recipe JSON file (ExtensionRecipe.to_dict)")
+    e.add_argument('--docs', nargs='*', default=None, metavar='JSONL', help='natural documents for the long mixture (default: the sample corpus)')
+    e.add_argument('--steps-scale', type=float, default=1.0, help='multiply every stage\'s steps (quick runs)')
+    e.add_argument('--no-progress', action='store_true')
+    v = sub.add_parser('eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)')
+    v.add_argument('--run', required=True, help='run directory (pre-training, or one stage of an extension)')
+    v.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
+    v.add_argument('--tasks', default='niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe')
+    v.add_argument('--lengths', default='512,1024,2048', help='comma-separated lengths in tokens')
+    v.add_argument('--n', type=int, default=10, help='samples per task and length')
+    v.add_argument('--digits', type=int, default=5, help='digits of each needle value')
+    v.add_argument('--seed', type=int, default=0)
+    v.add_argument('--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)')
+    v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
     return p
+
+def _read_docs(paths) -> list[dict]:
+    "Documents (`text`, `domain`) from JSONL(.gz) files; the sample corpus when `paths` is empty."
+    import gzip, json
+    from xgen_small.data.sample import load_sample
+    if not paths: return [dict(text=d['text'], domain=d['domain']) for d in load_sample()]
+    docs = []
+    for p in paths:
+        with (gzip.open(p, 'rt', encoding='utf-8') if str(p).endswith('.gz') else open(p, encoding='utf-8')) as f:
+            for i, line in enumerate(f):
+                if not line.strip(): continue
+                try: r = json.loads(line)
+                except json.JSONDecodeError as err: raise ValueError(f"{p} line {i + 1}: not JSON ({err.msg})") from None
+                if not isinstance(r, dict) or not isinstance(r.get('text'), str):
+                    raise ValueError(f"{p} line {i + 1}: expected an object with a string 'text'")
+                docs.append(dict(text=r['text'], domain=r.get('domain', 'web')))
+    return docs
+
+def _extend_cmd(args) -> None:
+    import json
+    from pathlib import Path
+    from xgen_small.evaluate import load_run
+    from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe, extend
+    from xgen_small.tokenizer import Tokenizer
+    from xgen_small.train import TrainConfig
+    from flax import nnx
+    recipe = (EXTENSION_PRESETS[args.recipe] if args.recipe in EXTENSION_PRESETS else
+              ExtensionRecipe.from_dict(json.loads(Path(args.recipe).read_text())))
+    model, saved = load_run(args.run)
+    cfg = TrainConfig.from_dict(saved)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    r = extend(recipe, params, cfg, Tokenizer(args.tokenizer), _read_docs(args.docs), args.out,
+               progress=not args.no_progress, steps_scale=args.steps_scale)
+    for s in r.stages:
+        print(f"{s['stage']:>10}: {s['seq_len']:>7,} tokens, RoPE base {s['rope_theta']:>12,.0f}, final loss {s['loss']:.3f} ({s['seconds']}s)")
+    print(f"extended model: {args.out}/{recipe.stages[-1].name}")
+
+def _eval_cmd(args) -> None:
+    import json
+    from pathlib import Path
+    from xgen_small import ruler
+    from xgen_small.data.loader import TokenStore
+    from xgen_small.evaluate import evaluate_ruler, load_run, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
+    from xgen_small.tokenizer import Tokenizer
+    tasks = [t for t in args.tasks.split(',') if t]
+    bad = [t for t in tasks if t not in ruler.TASKS]
+    if bad: raise ValueError(f"unknown task(s) {bad}; expected some of {list(ruler.TASKS)}")
+    try: lengths = [int(x) for x in args.lengths.split(',') if x]
+    except ValueError: raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    model, _ = load_run(args.run)
+    model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
+    tok = Tokenizer(args.tokenizer)
+    rows = evaluate_ruler(model, tok, tasks, lengths, n=args.n, seed=args.seed, cfg=ruler.RulerConfig(digits=args.digits))
+    print(ruler_table(rows))
+    out = dict(ruler=rows)
+    if args.perplexity_store:
+        out['perplexity'] = perplexity_by_position(model, TokenStore.open(args.perplexity_store), max(lengths))
+        for r in out['perplexity']: print(f"positions {r['start']:>6}-{r['end']:<6} loss {r['loss']:.3f}")
+    if args.out:
+        d = Path(args.out); d.mkdir(parents=True, exist_ok=True)
+        (d / 'results.json').write_text(json.dumps(out, indent=1))
+        (d / 'results.md').write_text(ruler_table(rows) + '\n')
+        import matplotlib; matplotlib.use('Agg')
+        ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
+        print(f'results in {d}')
 
 def main(argv: list[str] | None = None) -> int:
     "Run the `xgen-small` command line; returns the exit status."
@@ -128,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f'xgen-small pretrain: {e}', file=sys.stderr); return 3
             if r.history: print(f"trained to step {r.history[-1]['step']}: loss {r.history[-1]['loss']:.4f}; run in {args.out}")
             else: print(f'nothing to do: the run in {args.out} is already at its last step')
+        elif args.command == 'extend': _extend_cmd(args)
+        elif args.command == 'eval': _eval_cmd(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2
