@@ -115,7 +115,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [14_schedules](nbs/14_schedules.ipynb) | `schedules` | multi-phase warmup / stable / cosine / linear / WSD schedules tied to mixture phases | ✅ |
 # | [15_train](nbs/15_train.ipynb) | `train` | sharded train step, AdamW, z-loss, accumulation, MFU, orbax checkpoints, exact resume (`xgen-small pretrain`) | ✅ |
 # | [19_ruler](nbs/19_ruler.ipynb) | `ruler` | RULER-style tasks (needles single/multi-key/multi-value/multi-query, variable tracking, common/frequent words) at exact token lengths, exact-match scoring | ✅ |
-# | [20_long_context](nbs/20_long_context.ipynb) | `extend` | why the RoPE base grows, stage recipes (32K/128K/256K; 1K/2K/4K on CPU), long-document mixture, sequence-parallel extension (`xgen-small extend`) | ✅ |
+# | [20_long_context](nbs/20_long_context.ipynb) | `extend` | why the RoPE base grows, stage recipes (32K/128K/256K; 1K/2K/4K on CPU), long-document mixture, sequence-parallel extension (`xgen-small extend`) | ✅ machinery; passkey demo target open (issue 7) |
 # | [30_eval](nbs/30_eval.ipynb) | `evaluate` | loading runs, perplexity by position, RULER task x length tables and heatmaps (`xgen-small eval`) | ✅ |
 # | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |
 # | 40 pipeline | | the whole run, docs site, benchmark report | issue 9 |
