@@ -300,6 +300,13 @@ def abstract_model(cfg: ModelConfig) -> Decoder:
     "A `Decoder` whose parameters are `jax.ShapeDtypeStruct`s: shapes and dtypes only, no memory."
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
+def model_with_params(cfg: ModelConfig, params: dict) -> Decoder:
+    "A `Decoder` of `cfg` holding `params` (a pure dict, as `nnx.to_pure_dict` returns), without initialising one first."
+    shell = abstract_model(cfg)
+    state = nnx.state(shell, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(nnx.graphdef(shell), state)
+
 def count_params(model: Decoder) -> int:
     "Number of parameters in `model` (concrete or abstract)."
     return sum(math.prod(p.shape) for _, p in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -313,6 +320,12 @@ for name in ('tiny', 'xgen_4b', 'xgen_9b'):
     test_eq(n, num_params(c))
 test_eq(count_params(model), num_params(cfg))
 test_eq(count_params(abstract_model(cfg.replace(tie_embeddings=True))), num_params(cfg.replace(tie_embeddings=True)))
+
+# %%
+_m = Decoder(get_preset('tiny'), rngs=nnx.Rngs(3))
+_copy = model_with_params(_m.cfg, nnx.to_pure_dict(nnx.state(_m, nnx.Param)))
+_x = jnp.arange(16)[None]
+assert np.array_equal(np.asarray(_copy(_x)), np.asarray(_m(_x)))     # same weights, same function
 
 # %% [markdown]
 # ## Packed documents do not see each other

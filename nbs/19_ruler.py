@@ -157,6 +157,18 @@ class _Haystack:
         ends = np.concatenate([self.ends + r * len(self.ids) for r in range(reps)]) - (stop - n)
         return ids[stop - n:stop], ends[(ends > 0) & (ends <= n)]
 
+_NOISE: dict = {}
+
+def _noise_haystack(tok: Tokenizer) -> _Haystack:
+    "The noise haystack of `tok`, tokenised once (every needle example and training document shares it)."
+    if tok.fingerprint not in _NOISE: _NOISE[tok.fingerprint] = _Haystack(tok)
+    return _NOISE[tok.fingerprint]
+
+def noise_tokens(tok: Tokenizer, n: int) -> list:
+    "`n` tokens of the repeated noise text."
+    ids = _noise_haystack(tok).ids
+    return (ids * (n // len(ids) + 1))[:n]
+
 def _splice(filler: list, ends: np.ndarray, needles: list[list], rng) -> tuple[list, list]:
     "Insert each needle at a random sentence boundary of `filler` (in order); returns the ids and each needle's start."
     cuts = np.sort(rng.choice(np.concatenate([[0], ends]), size=len(needles), replace=True))
@@ -288,7 +300,7 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if cfg.haystack == 'text' and not texts: raise ValueError("RulerConfig.haystack='text' needs `texts` (documents for the haystack)")
     rng = np.random.default_rng([seed, TASKS.index(task), length])
-    hay = _Haystack(tok, texts if cfg.haystack == 'text' else None)
+    hay = _Haystack(tok, texts) if cfg.haystack == 'text' else _noise_haystack(tok)
     if task in ('cwe', 'fwe'):
         intro = tok.encode(_INTRO[task])
         budget_answer = {'cwe': 3 * cfg.cwe_common + 4, 'fwe': 3 * cfg.fwe_top + 4}[task]

@@ -58,7 +58,7 @@ from xgen_small import ruler
 from xgen_small.config import ModelConfig
 from xgen_small.data.loader import Loader, LoaderConfig, TokenStore
 from xgen_small.generate import generate
-from xgen_small.model import Decoder
+from xgen_small.model import Decoder, abstract_model, model_with_params
 from xgen_small.tokenizer import Tokenizer
 
 # %% [markdown]
@@ -83,8 +83,7 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
         config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
         cfg = ModelConfig.from_dict(config['model'])
         if cfg.attention_impl.startswith('seq_'): cfg = cfg.replace(attention_impl='auto')
-        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-        abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
         params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -92,9 +91,7 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
             partial_restore=True)))['state']['params']
     finally:
         mngr.close()
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(nnx.graphdef(model), state), config
+    return model_with_params(cfg, params), config
 
 # %% [markdown]
 # A model's `max_seq_len` is a guard, not a table: RoPE angles are computed from positions on the fly, so
@@ -105,9 +102,7 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
 #| export
 def with_max_seq_len(model: Decoder, length: int) -> Decoder:
     "The same weights, accepting sequences of up to `length` tokens."
-    cfg = model.cfg.replace(max_seq_len=length)
-    shell = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    return nnx.merge(nnx.graphdef(shell), nnx.state(model))
+    return model_with_params(model.cfg.replace(max_seq_len=length), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 # %% [markdown]
 # ## Perplexity by position

@@ -18,7 +18,7 @@ from . import ruler
 from .config import ModelConfig
 from .data.loader import Loader, LoaderConfig, TokenStore
 from .generate import generate
-from .model import Decoder
+from .model import Decoder, abstract_model, model_with_params
 from .tokenizer import Tokenizer
 
 # %% auto #0
@@ -37,8 +37,7 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
         config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
         cfg = ModelConfig.from_dict(config['model'])
         if cfg.attention_impl.startswith('seq_'): cfg = cfg.replace(attention_impl='auto')
-        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-        abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
         params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -46,16 +45,12 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
             partial_restore=True)))['state']['params']
     finally:
         mngr.close()
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(nnx.graphdef(model), state), config
+    return model_with_params(cfg, params), config
 
 # %% ../nbs/30_eval.ipynb #c23b174d
 def with_max_seq_len(model: Decoder, length: int) -> Decoder:
     "The same weights, accepting sequences of up to `length` tokens."
-    cfg = model.cfg.replace(max_seq_len=length)
-    shell = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    return nnx.merge(nnx.graphdef(shell), nnx.state(model))
+    return model_with_params(model.cfg.replace(max_seq_len=length), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 # %% ../nbs/30_eval.ipynb #a50fdcdc
 @nnx.jit

@@ -19,7 +19,7 @@ from . import ruler
 from .config import ConfigError, ModelConfig
 from .data.loader import TokenStore, build_token_store
 from .layers import rope_frequencies
-from .model import Decoder
+from .model import Decoder, model_with_params
 from .schedules import LRPhase
 from .sharding import MeshConfig
 from .tokenizer import Tokenizer
@@ -142,16 +142,14 @@ def copy_document(tok: Tokenizer, length: int, rng) -> list:
     "A random span of key words and digits, a gap of noise, then the span again: in-context copying at a distance."
     pool = list(ruler.KEY_WORDS) + list('0123456789')
     span = tok.encode(' ' + ' '.join(str(w) for w in rng.choice(pool, int(rng.integers(3, 12)))))
-    noise = tok.encode(ruler.NOISE)
     gap = int(rng.integers(0, max(1, length - 2 * len(span) - 12)))
-    return tok.encode(' Copy this:') + span + (noise * (gap // len(noise) + 1))[:gap] + tok.encode(' Again:') + span + tok.encode('.')
+    return tok.encode(' Copy this:') + span + ruler.noise_tokens(tok, gap) + tok.encode(' Again:') + span + tok.encode('.')
 
 def recall_document(tok: Tokenizer, rng, digits: int = 5, max_gap: int = 24) -> list:
     "A short key-value recall document, `' key: 12345. <noise> key: 12345.'`: the densest retrieval signal there is."
     key, value = str(rng.choice(ruler.KEY_WORDS)), ruler._value(rng, digits)
-    noise = tok.encode(ruler.NOISE)
     gap = int(rng.integers(0, max_gap + 1))
-    return tok.encode(f' {key}: {value}.') + (noise * (gap // len(noise) + 1))[:gap] + tok.encode(f' {key}: {value}.')
+    return tok.encode(f' {key}: {value}.') + ruler.noise_tokens(tok, gap) + tok.encode(f' {key}: {value}.')
 
 def retrieval_documents(tok: Tokenizer, n_tokens: int, max_len: int, seed: int = 0, tasks=RETRIEVAL_TASKS,
                         cfg: ruler.RulerConfig = ruler.RulerConfig(digits=5), copy_share: float = 0.3) -> list[list]:
@@ -261,10 +259,7 @@ class ExtensionResult:
 
     def model(self) -> Decoder:
         "The extended model, ready for evaluation."
-        shell = nnx.eval_shape(lambda: Decoder(self.model_config, rngs=nnx.Rngs(0)))
-        state = nnx.state(shell, nnx.Param)
-        nnx.replace_by_pure_dict(state, self.params)
-        return nnx.merge(nnx.graphdef(shell), state)
+        return model_with_params(self.model_config, self.params)
 
 def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: Tokenizer, docs: list[dict], out_dir, *,
            progress: bool = True, peak_flops: float | None = None, steps_scale: float = 1.0) -> ExtensionResult:

@@ -18,7 +18,7 @@ from .config import ModelConfig
 from .layers import MLP, RMSNorm, Rope, constrain, dense, logical_param
 
 # %% auto #0
-__all__ = ['KVCache', 'Attention', 'Block', 'check_tokens', 'Decoder', 'abstract_model', 'count_params']
+__all__ = ['KVCache', 'Attention', 'Block', 'check_tokens', 'Decoder', 'abstract_model', 'model_with_params', 'count_params']
 
 # %% ../nbs/12_model.ipynb #b0ffdde7
 class KVCache(NamedTuple):
@@ -162,6 +162,13 @@ class Decoder(nnx.Module):
 def abstract_model(cfg: ModelConfig) -> Decoder:
     "A `Decoder` whose parameters are `jax.ShapeDtypeStruct`s: shapes and dtypes only, no memory."
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+def model_with_params(cfg: ModelConfig, params: dict) -> Decoder:
+    "A `Decoder` of `cfg` holding `params` (a pure dict, as `nnx.to_pure_dict` returns), without initialising one first."
+    shell = abstract_model(cfg)
+    state = nnx.state(shell, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(nnx.graphdef(shell), state)
 
 def count_params(model: Decoder) -> int:
     "Number of parameters in `model` (concrete or abstract)."
