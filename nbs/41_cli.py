@@ -185,7 +185,77 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument('--seed', type=int, default=0)
     v.add_argument('--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)')
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
+    for name, what, data_help in (
+            ('sft', 'supervised fine-tuning on chat conversations, assistant tokens only (notebook 21)',
+             "JSONL of {'messages': [...]} (default: the generated instruction set, --n conversations)"),
+            ('dpo', 'preference learning (DPO / IPO) from prompt/chosen/rejected pairs (notebook 22)',
+             "JSONL of {'prompt': [...], 'chosen': str, 'rejected': str} (default: --n rule-made arithmetic pairs)"),
+            ('rl', 'online GRPO with verifiable rewards: math answers, code unit tests (notebook 23)',
+             "JSONL of {'kind': 'math', 'prompt': [...], 'answer': str} or {'kind': 'code', ..., 'tests': [...]} "
+             "(default: --n arithmetic training tasks)")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument('--init', required=True, help="run directory to start from (any stage), or a model preset name "
+                       "such as 'tiny' for a fresh random model sized to the tokenizer")
+        s.add_argument('--tokenizer', required=True, help='the sentencepiece model')
+        s.add_argument('--config', default=None, help=f'{name.upper() if name != "rl" else "RL"}Config JSON file (default: its defaults)')
+        s.add_argument('--data', nargs='*', default=None, metavar='JSONL', help=data_help)
+        s.add_argument('--n', type=int, default=1000, help='how many generated examples when --data is not given')
+        s.add_argument('--out', required=True, help='run directory (checkpoints, history); an existing run is resumed')
+        if name in ('dpo', 'rl'): s.add_argument('--ref', default=None, help='reference run directory (default: --init)')
+        s.add_argument('--no-progress', action='store_true')
     return p
+
+def _read_jsonl(paths, what: str) -> list[dict]:
+    "Objects from JSONL(.gz) files, with the file and line of anything that is not one."
+    import gzip, json
+    out = []
+    for p in paths:
+        with (gzip.open(p, 'rt', encoding='utf-8') if str(p).endswith('.gz') else open(p, encoding='utf-8')) as f:
+            for i, line in enumerate(f):
+                if not line.strip(): continue
+                try: r = json.loads(line)
+                except json.JSONDecodeError as err: raise ValueError(f"{p} line {i + 1}: not JSON ({err.msg})") from None
+                if not isinstance(r, dict): raise ValueError(f"{p} line {i + 1}: expected a JSON object ({what})")
+                out.append(r)
+    return out
+
+def _post_cmd(args) -> None:
+    "`sft`, `dpo` and `rl`: load the start (and reference), the config and the data, run the stage, print a summary."
+    from pathlib import Path
+    from flax import nnx
+    from xgen_small.config import PRESETS, get_preset
+    from xgen_small.evaluate import load_run
+    from xgen_small.sft import random_params
+    from xgen_small.tokenizer import Tokenizer
+    tok = Tokenizer(args.tokenizer)
+    if args.init in PRESETS:
+        mcfg = get_preset(args.init, vocab_size=tok.vocab_size); params = random_params(mcfg)
+    else:
+        model, _ = load_run(args.init); mcfg = model.cfg; params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if mcfg.vocab_size < tok.vocab_size:
+        raise ValueError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+    ref = None
+    if getattr(args, 'ref', None):
+        rm, _ = load_run(args.ref); ref = nnx.to_pure_dict(nnx.state(rm, nnx.Param))
+    data = _read_jsonl(args.data, args.command) if args.data else None
+    kw = dict(progress=not args.no_progress)
+    if args.command == 'sft':
+        from xgen_small.sft import SFTConfig, instruction_set, sft
+        cfg = SFTConfig.load(args.config) if args.config else SFTConfig()
+        r = sft(params, mcfg, tok, data or instruction_set(args.n), cfg, args.out, **kw)
+    elif args.command == 'dpo':
+        from xgen_small.dpo import DPOConfig, arithmetic_pairs, dpo
+        cfg = DPOConfig.load(args.config) if args.config else DPOConfig()
+        r = dpo(params, mcfg, tok, data or arithmetic_pairs(args.n), cfg, args.out, ref_params=ref, **kw)
+    else:
+        from xgen_small.rl import RLConfig, arithmetic_tasks, rl
+        cfg = RLConfig.load(args.config) if args.config else RLConfig()
+        r = rl(params, mcfg, tok, data or arithmetic_tasks(args.n), cfg, args.out, ref_params=ref, **kw)
+    h = r.history
+    if not h: print(f'nothing to do: the run in {args.out} is already at its last step'); return
+    extra = {'dpo': ('reward_accuracy', 'reward_margin'), 'rl': ('reward', 'accuracy')}.get(args.command, ())
+    print(f"{args.command}: steps {h[0]['step']}-{h[-1]['step']}, loss {h[0]['loss']:.4f} -> {h[-1]['loss']:.4f}"
+          + ''.join(f", {k} {h[0][k]:.3f} -> {h[-1][k]:.3f}" for k in extra) + f"; run in {Path(args.out)}")
 
 def _read_docs(paths) -> list[dict]:
     "Documents (`text`, `domain`) from JSONL(.gz) files; the sample corpus when `paths` is empty."
@@ -287,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
             else: print(f'nothing to do: the run in {args.out} is already at its last step')
         elif args.command == 'extend': _extend_cmd(args)
         elif args.command == 'eval': _eval_cmd(args)
+        elif args.command in ('sft', 'dpo', 'rl'):
+            from xgen_small.train import TrainingDiverged
+            try: _post_cmd(args)
+            except TrainingDiverged as e:
+                print(f'xgen-small {args.command}: {e}', file=sys.stderr); return 3
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -108,7 +108,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [12_model](nbs/12_model.ipynb) | `model` | the decoder, layer scan and remat, KV cache, parameter counts | ✅ |
 # | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
 # | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |
-# | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command | ✅ (more subcommands with each stage) |
+# | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command: `demo`, `presets`, `curate`, `pretrain`, `extend`, `eval`, `sft`, `dpo`, `rl` | ✅ |
 # | [07_tokenizer](nbs/07_tokenizer.ipynb) | `tokenizer` | sentencepiece BPE with byte fallback, exact round trips, special tokens, chat template | ✅ |
 # | [08_loader](nbs/08_loader.ipynb) | `data.loader` | token store, packing with segment ids, mixture sampling, sharded and resumable batches | ✅ |
 # | [13_sharding](nbs/13_sharding.ipynb) | `sharding` | mesh, logical-to-mesh rules, FSDP, ring / all-gather sequence-parallel attention, zigzag balancing | ✅ |
@@ -117,7 +117,9 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [19_ruler](nbs/19_ruler.ipynb) | `ruler` | RULER-style tasks (needles single/multi-key/multi-value/multi-query, variable tracking, common/frequent words) at exact token lengths, exact-match scoring | ✅ |
 # | [20_long_context](nbs/20_long_context.ipynb) | `extend` | why the RoPE base grows, stage recipes (32K/128K/256K; 1K/2K/4K on CPU), long-document mixture, sequence-parallel extension (`xgen-small extend`) | ✅ machinery; passkey demo target open (issue 7) |
 # | [30_eval](nbs/30_eval.ipynb) | `evaluate` | loading runs, perplexity by position, RULER task x length tables and heatmaps (`xgen-small eval`) | ✅ |
-# | 21 SFT, 22 DPO, 23 RL | | post-training | issue 8 |
+# | [21_sft](nbs/21_sft.ipynb) | `sft` | a generated instruction set over math/code/safety/general, chat packing with segment ids, assistant-only loss, the shared post-training loop (`xgen-small sft`) | ✅ |
+# | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |
+# | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math and sandboxed unit-test rewards (`xgen-small rl`) | ✅ |
 # | 40 pipeline | | the whole run, docs site, benchmark report | issue 9 |
 #
 # ## What the report says and what we chose

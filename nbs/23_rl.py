@@ -1,0 +1,538 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: python3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Online reinforcement learning with verifiable rewards
+#
+# > GRPO-style online RL: G sampled completions per prompt from the KV-cache generator, rewards that are checked rather than learned (an exact numeric answer; unit tests run in a sandboxed subprocess), group-normalised advantages, the clipped-ratio objective with an optional KL penalty, three token-aggregation modes, deterministic for a seed.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/23_rl.ipynb)
+
+# %%
+#| default_exp rl
+
+# %%
+#| hide
+# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
+import os, subprocess, sys
+if 'google.colab' in sys.modules:
+    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+
+# %% [markdown]
+# The last stage of xGen-small's post-training is "large-scale reinforcement learning [that] refines the model's
+# policy, particularly enhancing reasoning capabilities" in math and code. The recipe the field converged on for
+# this is online RL against *verifiable* rewards: the model samples answers to problems whose correctness a program
+# can check (a number equals the known answer; the code passes its unit tests), and the policy is pushed towards the
+# samples that were right. No reward model is learned, so there is nothing for the policy to exploit except the
+# checker itself; which is why the checker must be strict and must never crash or hang.
+#
+# We implement GRPO (Shao et al., 2024, DeepSeekMath, arXiv 2402.03300). For each prompt $q$ it samples a *group*
+# of $G$ completions $o_1..o_G$ from the current policy, scores them $r_1..r_G$, and uses the group itself as the
+# baseline instead of a learned value function:
+#
+# $$\hat A_i = \frac{r_i - \operatorname{mean}(r_{1..G})}{\operatorname{std}(r_{1..G}) + \epsilon}$$
+#
+# Every token of $o_i$ gets the advantage $\hat A_i$, and the policy maximises PPO's clipped surrogate (Schulman et
+# al., 2017) with the importance ratio $\rho_{i,t} = \pi_\theta(o_{i,t}|q, o_{i,<t}) / \pi_{\theta_\text{old}}(o_{i,t}|\ldots)$,
+# minus an optional KL penalty towards a frozen reference, estimated per token with the unbiased, always
+# non-negative $k_3$ estimator (Schulman, 2020): $\frac{\pi_\text{ref}}{\pi_\theta} - \log\frac{\pi_\text{ref}}{\pi_\theta} - 1$.
+#
+# $$\mathcal{L} = -\operatorname{agg}_{i,t}\Big[\min\big(\rho_{i,t} \hat A_i,\ \operatorname{clip}(\rho_{i,t}, 1-\varepsilon, 1+\varepsilon)\hat A_i\big) - \beta\, \mathrm{KL}_{i,t}\Big]$$
+#
+# How the per-token terms are averaged ("agg") matters more than it looks, and papers disagree, so all three
+# common choices are here:
+#
+# | `aggregation` | formula | from |
+# |---|---|---|
+# | `sequence_mean` | mean over completions of (mean over that completion's tokens) | GRPO as published |
+# | `token_mean` | sum over all tokens / number of tokens in the batch | DAPO (Yu et al., 2025, arXiv 2503.14476) |
+# | `constant` | sum over all tokens / (completions x max_new_tokens) | Dr. GRPO (Liu et al., 2025, arXiv 2503.20783) |
+#
+# `sequence_mean` gives each token of a short completion more weight than a token of a long one, which biases
+# lengths (long wrong answers are penalised less per token); the other two do not. Dr. GRPO also drops the division
+# by the group's standard deviation, which `advantage_scale='none'` selects.
+
+# %%
+#| export
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xgen_small.config import ConfigError, ModelConfig
+from xgen_small.dpo import token_logps
+from xgen_small.generate import Sampling, generate
+from xgen_small.model import Decoder, model_with_params
+from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward, post_train
+from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
+
+# %% [markdown]
+# ## Verifiable rewards
+#
+# **Math**: `math_reward` (notebook 21) reads the last `The answer is N.` sentence and compares numbers; anything
+# else (no sentence, garbage, a wrong number) scores 0.
+#
+# **Code** runs the completion against the task's unit tests, *never in the training process*: a completion can
+# loop forever, exhaust memory, delete files, print gigabytes or open sockets. Each one runs in a fresh Python
+# subprocess (`-I`: isolated from the environment and user site-packages) with
+#
+# - a wall-clock timeout, after which its whole process group is killed, plus a CPU-time limit;
+# - an address-space limit (512 MB) and a limit on the size of files it writes (1 MB); its output goes to a file
+#   under that limit, so printing forever ends the process instead of filling our memory. The harness sets these
+#   limits itself before running the completion (rather than in a `preexec_fn`, which is unsafe to use from a
+#   multithreaded parent such as a JAX process);
+# - no network: inside a new user and network namespace (`unshare -rn`, which has no interfaces but loopback) when
+#   the host allows unprivileged namespaces, and in every case with Python's socket constructors replaced by ones
+#   that raise. The namespace is the real barrier; the Python-level block alone can be undone by determined code,
+#   so treat a host without user namespaces as running untrusted code with the user's rights (minus the network
+#   stub), and use a container there;
+# - a temporary working directory, an empty environment, and no stdin.
+#
+# The harness prints the number of passed tests on a line tagged with a random nonce that the completion cannot
+# know, so printing a fake result earns nothing. The reward is the fraction of tests passed.
+
+# %%
+#| export
+_HARNESS = r'''
+import json, resource, socket, sys
+for limit, value in LIMITS: resource.setrlimit(limit, (value, value))      # before any completion code runs
+def _no_network(*a, **k): raise OSError('network access is disabled in the sandbox')
+socket.socket = socket.create_connection = socket.getaddrinfo = socket.socketpair = _no_network
+code, tests, nonce = CODE, TESTS, NONCE
+ns, passed = {'__name__': '__completion__'}, 0
+try:
+    exec(compile(code, '<completion>', 'exec'), ns)
+    for t in tests:
+        try: passed += bool(eval(t, ns))
+        except BaseException: pass
+except BaseException as e:
+    print(nonce + json.dumps({'passed': 0, 'error': type(e).__name__}), flush=True); raise SystemExit(0)
+print(nonce + json.dumps({'passed': passed}), flush=True)
+'''
+
+@lru_cache(maxsize=1)
+def _namespace_prefix() -> tuple:
+    "`('unshare', '-rn')` when this host lets an unprivileged process make a network namespace, else ()."
+    exe = shutil.which('unshare')
+    if exe is None: return ()
+    try: ok = subprocess.run([exe, '-rn', 'true'], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError): ok = False
+    return (exe, '-rn') if ok else ()
+
+def run_tests(code: str, tests: Sequence[str], timeout: float = 5.0, memory_mb: int = 512) -> dict:
+    "Run `code` then each test expression in a sandboxed subprocess: `{'passed', 'total', 'status'}`, never raising."
+    nonce = secrets.token_hex(16)
+    import resource
+    limits = [(resource.RLIMIT_CPU, int(timeout) + 1), (resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_FSIZE, 1 << 20)]
+    src = (_HARNESS.replace('LIMITS', repr(limits), 1).replace('CODE', repr(code), 1).replace('TESTS', repr(list(tests)), 1)
+           .replace('NONCE', repr(nonce), 1))
+    with tempfile.TemporaryDirectory() as d:
+        out_path = os.path.join(d, 'out')
+        cmd = [*_namespace_prefix(), sys.executable, '-I', '-S', '-c', src]
+        with open(out_path, 'wb') as out:
+            try:
+                # a new session (its own process group, killed as a whole); no preexec_fn, which is unsafe in a
+                # multithreaded parent such as a JAX process
+                p = subprocess.Popen(cmd, cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL,
+                                     env={'PATH': '/usr/bin:/bin'}, start_new_session=True)
+            except OSError as e: return dict(passed=0, total=len(tests), status=f'could not start: {e}')
+            try: p.wait(timeout=timeout); status = 'ok'
+            except subprocess.TimeoutExpired:
+                try: os.killpg(p.pid, 9)
+                except ProcessLookupError: pass
+                p.wait(); status = 'timeout'
+        with open(out_path, 'rb') as f: lines = f.read(1 << 20).decode('utf-8', 'replace').splitlines()
+    found = [l[len(nonce):] for l in lines if l.startswith(nonce)]
+    if status != 'ok' or not found: return dict(passed=0, total=len(tests), status=status if status != 'ok' else 'no result')
+    try: r = json.loads(found[-1])
+    except json.JSONDecodeError: return dict(passed=0, total=len(tests), status='no result')
+    return dict(passed=int(r['passed']), total=len(tests), status=r.get('error', 'ok'))
+
+def extract_code(text: str) -> str:
+    "The first fenced code block of a reply (```python ... ```), or the whole reply when it has none."
+    if '```' not in text: return text
+    body = text.split('```', 2)[1]
+    return body[len('python'):] if body.startswith('python') else body
+
+def code_reward(text: str, tests: Sequence[str], timeout: float = 5.0) -> float:
+    "Fraction of `tests` the reply's code passes (0.0 for anything that does not run, loops, or crashes)."
+    if not tests: raise ValueError("code_reward needs at least one test")
+    r = run_tests(extract_code(text), tests, timeout)
+    return r['passed'] / r['total']
+
+# %%
+good = '```python\ndef add_k(x):\n    return x + 3\n```'
+cases = {'correct': good, 'wrong': good.replace('+ 3', '+ 4'), 'syntax error': 'def add_k(x) return',
+         'infinite loop': 'while True: pass', 'prints forever': 'while True: print("x" * 1000)',
+         'fakes the result': 'print("{\\"passed\\": 3}")', 'exits': 'import os; os._exit(0)',
+         'opens a socket': 'import socket\ns = socket.create_connection(("1.1.1.1", 80), timeout=1)\ndef add_k(x): return x + 3',
+         'eats memory': 'x = bytearray(4 << 30)', 'garbage': '\x00\ufffd))('}
+tests = ['add_k(1) == 4', 'add_k(-3) == 0', 'add_k(10) == 13']
+import time
+for name, text in cases.items():
+    t0 = time.perf_counter(); r = run_tests(extract_code(text), tests, timeout=2.0)
+    print(f'{name:>16}: reward {r["passed"] / r["total"]:.2f}  ({r["status"]}, {time.perf_counter() - t0:.2f}s)')
+print('network namespace:', 'yes' if _namespace_prefix() else 'no (socket stub only)')
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+test_eq(code_reward(good, tests, 2.0), 1.0)
+test_close(code_reward(cases['wrong'], tests, 2.0), 0.0)
+for name in ('syntax error', 'infinite loop', 'prints forever', 'fakes the result', 'exits', 'opens a socket', 'eats memory', 'garbage'):
+    test_eq(code_reward(cases[name], tests, 2.0), 0.0)
+test_close(code_reward(good, tests + ['add_k(0) == 5'], 2.0), 0.75)
+test_eq(extract_code('Here:\n```python\nx = 1\n```\nand more'), '\nx = 1\n')
+
+# %% [markdown]
+# ## Tasks
+#
+# A task is a prompt (chat messages) and what the reward needs: a numeric `answer` (math) or unit `tests` (code).
+# The arithmetic questions are split into a training half and a held-out half *by question*: a question's split is
+# a hash of its text, so no held-out question is ever an RL prompt, and the split never changes with the seed.
+
+# %%
+#| export
+def _split_of(question: str) -> str:
+    import hashlib
+    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
+
+def arithmetic_tasks(n: int | None, seed: int = 0, split: str = 'train', max_operand: int = 10, ops: str = '+-') -> list[dict]:
+    """`n` math tasks drawn from `split` ('train': ~3/4 of the questions, 'test': the rest) with a seed, or, with
+    `n=None`, every question of the split once, in order."""
+    if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    task = lambda p: dict(kind='math', prompt=[dict(role='user', content=p['question'])], answer=p['answer'])
+    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if _split_of(p['question']) == split]
+    out, i = [], 0
+    while len(out) < n:
+        p = arithmetic_problem(np.random.default_rng([seed, i]), max_operand, ops); i += 1
+        if i > 1000 * (n + 10): raise ValueError(f"split {split!r} has too few questions for max_operand={max_operand}, ops={ops!r}")
+        if _split_of(p['question']) == split: out.append(task(p))
+    return out
+
+def code_tasks(n: int, seed: int = 0) -> list[dict]:
+    "`n` function-writing tasks with their unit tests."
+    out = []
+    for i in range(n):
+        t = code_task(np.random.default_rng([seed, i]))
+        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests']))
+    return out
+
+def check_tasks(tasks: Sequence[dict]) -> None:
+    "A ValueError naming the first task that cannot be rewarded (unknown kind, no prompt, no answer or tests)."
+    for i, t in enumerate(tasks):
+        kind = t.get('kind') if isinstance(t, dict) else None
+        if kind not in ('math', 'code'): raise ValueError(f"task {i}: unknown task kind {kind!r}; expected 'math' or 'code'")
+        if not isinstance(t.get('prompt'), list) or not t['prompt']: raise ValueError(f"task {i}: 'prompt' must be a non-empty list of messages")
+        if kind == 'math' and not isinstance(t.get('answer'), (str, int, float)): raise ValueError(f"task {i}: a math task needs an 'answer'")
+        if kind == 'code' and not (isinstance(t.get('tests'), list) and t['tests']): raise ValueError(f"task {i}: a code task needs a list of 'tests'")
+
+def task_reward(task: dict, text: str, timeout: float = 5.0) -> float:
+    "The verifiable reward of `text` for `task` (math: exact answer; code: fraction of tests passed)."
+    if task.get('kind') == 'math': return math_reward(text, str(task['answer']))
+    if task.get('kind') == 'code': return code_reward(text, task['tests'], timeout)
+    raise ValueError(f"unknown task kind {task.get('kind')!r}; expected 'math' or 'code'")
+
+# %%
+train_tasks, test_tasks = arithmetic_tasks(4, split='train'), arithmetic_tasks(4, split='test')
+print([t['prompt'][0]['content'] for t in train_tasks], [t['prompt'][0]['content'] for t in test_tasks])
+qs = lambda ts: {t['prompt'][0]['content'] for t in ts}
+test_eq(qs(arithmetic_tasks(300, split='train')) & qs(arithmetic_tasks(300, seed=1, split='test')), set())
+every = {s: arithmetic_tasks(None, split=s) for s in ('train', 'test')}
+print({s: len(t) for s, t in every.items()}, 'distinct questions per split')
+test_eq(len(every['train']) + len(every['test']), 100 + 55)                   # a + b, and a - b with a >= b, below 10
+test_eq(qs(arithmetic_tasks(300, seed=2, split='test')) <= qs(every['test']), True)
+test_eq(task_reward(code_tasks(1)[0], 'no code'), 0.0)
+test_fail(lambda: task_reward(dict(kind='essay'), 'x'), contains='unknown task kind')
+test_fail(lambda: check_tasks([dict(kind='math', prompt=[dict(role='user', content='hi')])]), contains="task 0: a math task needs an 'answer'")
+check_tasks(arithmetic_tasks(3) + code_tasks(3))
+
+# %% [markdown]
+# ## Advantages and the loss, as pure functions
+
+# %%
+#| export
+AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant')
+
+def group_advantages(rewards, scale: str = 'std', eps: float = 1e-6) -> np.ndarray:
+    "`[prompts, G]` rewards -> advantages: minus the group mean, divided by the group std (`scale='std'`) or not ('none')."
+    r = np.asarray(rewards, np.float64)
+    if r.ndim != 2: raise ValueError(f"rewards must be [prompts, group], got shape {r.shape}")
+    if scale not in ('std', 'none'): raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    a = r - r.mean(axis=1, keepdims=True)
+    return (a / (r.std(axis=1, keepdims=True) + eps) if scale == 'std' else a).astype(np.float32)
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float = 0.2, kl_beta: float = 0.0,
+              aggregation: str = 'token_mean') -> tuple[jax.Array, dict]:
+    """The clipped-ratio objective with an optional k3 KL penalty, aggregated over tokens (`[rows, length]` log-probs,
+    `[rows]` advantages, `[rows, length]` 0/1 completion mask); returns (loss, metrics)."""
+    if aggregation not in AGGREGATIONS: raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    ratio = jnp.exp(logps - old_logps)
+    adv = advantages[:, None]
+    clipped = jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)
+    per_token = -jnp.minimum(ratio * adv, clipped * adv)                     # PPO's pessimistic surrogate
+    d = ref_logps - logps
+    kl = jnp.exp(d) - d - 1                                                   # k3 estimator of KL(pi || pi_ref)
+    per_token = per_token + kl_beta * kl
+    n_tok = jnp.maximum(mask.sum(), 1.0)
+    if aggregation == 'token_mean': loss = (per_token * mask).sum() / n_tok
+    elif aggregation == 'sequence_mean': loss = jnp.mean((per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0))
+    else: loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    was_clipped = (jnp.abs(ratio - 1) > clip_eps) & (mask > 0)
+    return loss, dict(kl=(kl * mask).sum() / n_tok, clip_fraction=was_clipped.sum() / n_tok,
+                      ratio=(ratio * mask).sum() / n_tok)
+
+# %% [markdown]
+# Checks by hand. A group of rewards $(1, 0, 0, 1)$ has mean $0.5$ and standard deviation $0.5$, so advantages
+# $(1, -1, -1, 1)$; a group where every completion scores the same carries no signal and gets zero advantages.
+# At the sampling policy ($\rho = 1$, no KL) the token-mean loss is minus the mean advantage per token; a token whose
+# ratio is 1.5 with a positive advantage is clipped at $1 + \varepsilon = 1.2$, one at 0.5 with a negative advantage
+# at $0.8$.
+
+# %%
+test_close(group_advantages([[1, 0, 0, 1]]), [[1, -1, -1, 1]], eps=1e-5)
+test_eq(group_advantages([[1, 1, 1], [0, 0, 0]]), np.zeros((2, 3), np.float32))
+test_eq(group_advantages([[2, 0]], scale='none'), np.array([[1, -1]], np.float32))
+z = jnp.zeros((2, 3)); m = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32); adv = jnp.array([1.0, -1.0])
+loss, met = grpo_loss(z, z, z, adv, m)
+test_close(loss, -(2 * 1 + 3 * -1) / 5, eps=1e-6)                        # token_mean: (sum of -A) / 5 tokens
+test_close(grpo_loss(z, z, z, adv, m, aggregation='sequence_mean')[0], 0.0, eps=1e-6)   # -(1 + -1) / 2
+test_close(grpo_loss(z, z, z, adv, m, aggregation='constant')[0], 1 / 6, eps=1e-6)      # -(2 - 3) / 6
+lp = jnp.log(jnp.array([[1.5, 0.5]]))
+test_close(grpo_loss(lp, jnp.zeros((1, 2)), lp, jnp.array([1.0]), jnp.ones((1, 2)))[0], -(1.2 + 0.5) / 2, eps=1e-6)
+test_close(grpo_loss(lp, jnp.zeros((1, 2)), lp, jnp.array([-1.0]), jnp.ones((1, 2)))[0], (1.5 + 0.8) / 2, eps=1e-6)
+# k3 KL is zero at the reference and positive away from it
+test_close(grpo_loss(z, z, z, adv, m, kl_beta=1.0)[1]['kl'], 0.0, eps=1e-9)
+assert grpo_loss(z, z, z + 0.3, adv, m, kl_beta=1.0)[1]['kl'] > 0
+test_fail(lambda: grpo_loss(z, z, z, adv, m, aggregation='sum'), contains='aggregation must be one of')
+
+# %% [markdown]
+# ## The RL loop
+#
+# One step: draw `batch_size` tasks (seeded by `(seed, step)`), sample `group_size` completions for each from the
+# current policy with the KV-cache generator (notebook 16) at `temperature`, stop at the end-of-turn token, score
+# them, compute the group advantages, and build rows of prompt + completion whose loss mask covers the completion
+# (and its end-of-turn token when it has one). The sampling policy's per-token log-probs (the "old" policy of the
+# ratio) and, when `kl_beta > 0`, the reference's, are computed once per batch. With `updates_per_batch` $\mu > 1$
+# the same samples serve $\mu$ optimizer steps, and the ratio and its clipping start to matter; with $\mu = 1$ the
+# ratio is 1 at the step and the objective is the plain policy gradient.
+#
+# Everything random is keyed by `(seed, step)`, so a run is a function of its config and starting weights, and a
+# resumed run repeats an uninterrupted one.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class RLConfig(PostConfig):
+    "GRPO: `batch_size` prompts per batch, `group_size` completions each."
+    steps: int = 60
+    batch_size: int = 8
+    group_size: int = 8
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    lr: float = 3e-4
+    clip_eps: float = 0.2
+    kl_beta: float = 0.0
+    aggregation: str = 'token_mean'
+    advantage_scale: str = 'std'
+    updates_per_batch: int = 1
+    reward_timeout: float = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        n = type(self).__name__
+        if self.group_size < 2: raise ConfigError(f"{n}.group_size must be at least 2 (the group is the baseline), got {self.group_size}")
+        if self.aggregation not in AGGREGATIONS: raise ConfigError(f"{n}.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if self.advantage_scale not in ('std', 'none'): raise ConfigError(f"{n}.advantage_scale must be 'std' or 'none'")
+        if not self.temperature > 0: raise ConfigError(f"{n}.temperature must be positive (RL samples), got {self.temperature}")
+        if self.updates_per_batch < 1 or self.steps % self.updates_per_batch or self.save_every % self.updates_per_batch:
+            raise ConfigError(f"{n}: steps and save_every must be multiples of updates_per_batch ({self.updates_per_batch})")
+        if self.kl_beta < 0 or not 0 < self.clip_eps < 1: raise ConfigError(f"{n}: need kl_beta >= 0 and 0 < clip_eps < 1")
+
+@jax.jit
+def _token_logps_of(model, b, temperature):
+    return token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / temperature, b['targets'])
+
+def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, seed: int) -> dict:
+    "Sample `group_size` completions per task and score them: `{'texts', 'tokens', 'rewards' [tasks, G]}`."
+    G, end = cfg.group_size, tok.token_id(END_TURN)
+    prompts = [render_chat(tok, t['prompt'], add_generation_prompt=True).ids for t in tasks for _ in range(G)]
+    out = generate(model, prompts, cfg.max_new_tokens, sampling=Sampling(temperature=cfg.temperature), stop_tokens=[end], seed=seed)
+    tokens = [t + ([s] if s is not None else []) for t, s in zip(out.tokens, out.stop_tokens)]
+    texts = [tok.decode(t) for t in out.tokens]
+    rewards = np.array([task_reward(tasks[i // G], texts[i], cfg.reward_timeout) for i in range(len(texts))]).reshape(len(tasks), G)
+    return dict(prompts=prompts, tokens=tokens, texts=texts, rewards=rewards)
+
+def _rows(prompts, completions, seq_len: int) -> dict:
+    a = {k: np.zeros((len(prompts), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+    a['loss_mask'] = np.zeros((len(prompts), seq_len), np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids = list(p) + list(c); n = len(ids) - 1
+        if n > seq_len: raise ValueError(f"prompt + completion has {len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
+        a['inputs'][i, :n], a['targets'][i, :n] = ids[:-1], ids[1:]
+        a['segment_ids'][i, :n], a['positions'][i, :n] = 1, np.arange(n)
+        a['loss_mask'][i, len(p) - 1:n] = 1.0                                  # targets that are completion tokens
+    return a
+
+def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, out_dir, *,
+       ref_params: dict | None = None, progress: bool = True, stop_at: int | None = None) -> PostResult:
+    """GRPO on `tasks` from `params` (the KL reference: `ref_params`, default `params`), checkpointing into `out_dir`.
+    The history has, per step, the batch's mean reward, accuracy (reward 1), completion length, KL and clip fraction."""
+    if not tasks: raise ValueError("rl needs at least one task")
+    check_tasks(tasks)
+    if stop_at is not None and stop_at % cfg.updates_per_batch:
+        raise ValueError(f"stop_at ({stop_at}) must be a multiple of updates_per_batch ({cfg.updates_per_batch})")
+    rows_per_batch = cfg.batch_size * cfg.group_size
+    tcfg = dataclasses.replace(cfg, batch_size=rows_per_batch).train_config(model_cfg, 'rl')
+    ref = model_with_params(model_cfg, ref_params if ref_params is not None else params) if cfg.kl_beta > 0 else None
+    cache = {}
+    def batch_fn(step, state, tr):
+        k = step // cfg.updates_per_batch                                      # which batch of samples this step uses
+        if k not in cache:
+            cache.clear()
+            rng = np.random.default_rng([cfg.seed, k])
+            picked = [tasks[i] for i in rng.choice(len(tasks), cfg.batch_size, replace=len(tasks) < cfg.batch_size)]
+            policy = model_with_params(model_cfg, jax.device_get(state['params']))
+            ro = rollout(policy, tok, picked, cfg, seed=int(rng.integers(2**31)))
+            b = _rows(ro['prompts'], ro['tokens'], tcfg.seq_len)
+            b['old'] = np.asarray(_token_logps_of(policy, b, cfg.temperature))
+            b['ref'] = np.asarray(_token_logps_of(ref, b, cfg.temperature)) if ref is not None else b['old']
+            b['adv'] = group_advantages(ro['rewards'], cfg.advantage_scale).reshape(-1)
+            r = ro['rewards']
+            b.update(_reward=float(r.mean()), _accuracy=float((r == 1).mean()),
+                     _completion_tokens=float(np.mean([len(t) for t in ro['tokens']])), _sample=ro['texts'][0])
+            cache[k] = b
+        return cache[k]
+    def loss_fn(model, b):
+        lp = token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / cfg.temperature, b['targets'])
+        return grpo_loss(lp, b['old'], b['ref'], b['adv'], b['loss_mask'], cfg.clip_eps, cfg.kl_beta, cfg.aggregation)
+    return post_train('rl', tcfg, params, out_dir, batch_fn, dict(rl=cfg.to_dict(), tasks=len(tasks)), loss_fn=loss_fn,
+                      progress=progress, stop_at=stop_at)
+
+# %% [markdown]
+# A smoke run of the whole loop on a randomly initialised tiny model: three steps, two prompts, four completions
+# each, one math and one code task (the code completions are garbage at this point and score 0 without incident).
+
+# %%
+import tempfile
+from pathlib import Path
+from IPython.display import Markdown
+from xgen_small.config import get_preset
+from xgen_small.data.sample import load_sample
+from xgen_small.sft import SFTConfig, chat, instruction_set, random_params, sft
+from xgen_small.tokenizer import train_tokenizer
+texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
+tok = Tokenizer(train_tokenizer(texts, 4096))
+mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=128)
+work = Path(tempfile.mkdtemp())
+p0 = random_params(mcfg)
+smoke = rl(p0, mcfg, tok, arithmetic_tasks(4) + code_tasks(4), RLConfig(steps=3, batch_size=2, group_size=4, seq_len=48,
+           max_new_tokens=8, warmup_steps=1, kl_beta=0.05), work / 'smoke', progress=False)
+for h in smoke.history: print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()})
+test_eq([h['step'] for h in smoke.history], [1, 2, 3])
+test_fail(lambda: RLConfig(group_size=1), contains='group_size must be at least 2')
+test_fail(lambda: RLConfig(steps=6, warmup_steps=1, updates_per_batch=4), contains='multiples of updates_per_batch')
+test_fail(lambda: rl(p0, mcfg, tok, [dict(kind='math', prompt=[])], RLConfig(), work / 'bad'), contains="'prompt' must be a non-empty list")
+
+# %% [markdown]
+# ## Learning arithmetic by reward
+#
+# As in notebook 22, the tiny model is first fine-tuned on the math conversations of notebook 21, half of whose
+# replies state `The answer is N.` and half stop after the working; the fine-tuned model therefore states a right
+# answer only some of the time. GRPO then trains it on the *training* questions only (120 of the 155), and we
+# measure accuracy on the 35 *held-out* questions every 20 steps, both greedy and as the mean over 8 samples at
+# temperature 1 (what the RL objective itself optimises).
+#
+# What transfers to held-out questions is behaviour: stating the answer in the checked form, and committing to
+# the result of the working. Arithmetic *facts* do not transfer at this scale; we checked: when every SFT math reply
+# states its answer (so the format is already learnt), RL with these settings raised the training questions' mean
+# reward from 0.38 to 0.47 in 80 steps, while held-out greedy accuracy wandered between 51% and 66% around its
+# starting 60% and held-out sampled accuracy stayed at 29-31%. The learning rate matters too: at 1e-3 (a third
+# of SFT's) the policy drifted faster than the rewards could steer it and accuracy collapsed within 40 steps.
+# (The cells from here on are marked `slow`: about four minutes on two CPU cores, outside CI's default run; their
+# outputs are the ones committed.)
+
+# %%
+#| slow
+from xgen_small.generate import Sampling
+sft_res = sft(p0, mcfg, tok, instruction_set(1600, seed=0, shares={'math': 1}),
+              SFTConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=5), work / 'sft', progress=False)
+train, held = arithmetic_tasks(400, seed=0, split='train'), arithmetic_tasks(None, split='test')
+def greedy(model, tasks=held):
+    replies = chat(model, tok, [t['prompt'] for t in tasks], 24)
+    return float(np.mean([task_reward(t, r) for t, r in zip(tasks, replies)]))
+def sampled(model, tasks=held, k=8):
+    replies = chat(model, tok, [t['prompt'] for t in tasks for _ in range(k)], 24, sampling=Sampling(temperature=1.0), seed=123)
+    return float(np.mean([task_reward(tasks[i // k], r) for i, r in enumerate(replies)]))
+curve = [dict(step=0, greedy=greedy(sft_res.model()), sampled=sampled(sft_res.model()))]
+print(f"after SFT: held-out accuracy {curve[0]['greedy']:.0%} greedy, {curve[0]['sampled']:.0%} sampled")
+
+# %%
+#| slow
+cfg = RLConfig(steps=60, batch_size=16, group_size=8, seq_len=48, max_new_tokens=24, lr=1e-4, warmup_steps=3, kl_beta=0.05)
+t0, history = time.perf_counter(), []
+for stop in (20, 40, 60):                     # pause every 20 steps to evaluate; the run resumes exactly
+    res = rl(sft_res.params, mcfg, tok, train, cfg, work / 'rl', progress=False, stop_at=stop)
+    history += res.history
+    curve.append(dict(step=stop, greedy=greedy(res.model()), sampled=sampled(res.model())))
+print(f'{cfg.steps} RL steps in {time.perf_counter() - t0:.0f}s (with evaluations)')
+Markdown('| RL step | mean reward of the batch | held-out greedy | held-out sampled |\n|---:|---:|---:|---:|\n' + '\n'.join(
+    f"| {c['step']} | {np.mean([h['reward'] for h in history[max(0, c['step'] - 5):c['step']]]) if c['step'] else history[0]['reward']:.2f} "
+    f"| {c['greedy']:.0%} | {c['sampled']:.0%} |" for c in curve))
+
+# %%
+#| slow
+import matplotlib.pyplot as plt
+smooth = lambda xs, k=10: np.convolve(xs, np.ones(k) / k, 'valid')
+fig, ax = plt.subplots(1, 3, figsize=(11, 2.8))
+r = [h['reward'] for h in history]
+ax[0].plot(np.arange(1, len(r) + 1), r, alpha=0.3, c='C0'); ax[0].plot(np.arange(10, len(r) + 1), smooth(r), c='C0')
+ax[0].set(xlabel='RL step', ylabel='mean reward of the samples')
+ax[1].plot([c['step'] for c in curve], [c['greedy'] for c in curve], 'o-', label='greedy')
+ax[1].plot([c['step'] for c in curve], [c['sampled'] for c in curve], 'o-', label='sampled (T=1)')
+ax[1].set(xlabel='RL step', ylabel='held-out accuracy', ylim=(0, 1)); ax[1].legend()
+ax[2].plot([h['kl'] for h in history]); ax[2].set(xlabel='RL step', ylabel='KL to the reference (k3)')
+plt.tight_layout()
+
+# %%
+#| slow
+before, after = chat(sft_res.model(), tok, [t['prompt'] for t in held[:5]], 24), chat(res.model(), tok, [t['prompt'] for t in held[:5]], 24)
+Markdown('| held-out question | after SFT | after RL |\n|---|---|---|\n' + '\n'.join(
+    f"| {t['prompt'][0]['content']} | `{b}` | `{a}` |" for t, b, a in zip(held, before, after)))
+
+# %%
+#| slow
+first, last = np.mean(r[:10]), np.mean(r[-10:])
+print(f'mean sampled reward: first 10 steps {first:.2f}, last 10 steps {last:.2f}')
+assert last > first + 0.1
+assert curve[-1]['greedy'] > curve[0]['greedy'] + 0.3 and curve[-1]['sampled'] > curve[0]['sampled'] + 0.1
+
+# %%
+#| hide
+#| eval: false
+import nbdev; nbdev.nbdev_export()
