@@ -59,11 +59,12 @@ if 'google.colab' in sys.modules:
 # pip install -e . && xgen-small demo
 # ```
 #
-# Run every test (all notebooks with `nbdev_test`, then `pytest`, with 8 simulated CPU devices):
+# Run every test (all notebooks with `nbdev_test`, then `pytest` in two worker processes, each with 8 simulated
+# CPU devices):
 #
 # <!-- command: test -->
 # ```sh
-# pip install -e ".[dev]" && export XLA_FLAGS=--xla_force_host_platform_device_count=8 && nbdev_test && pytest
+# pip install -e ".[dev]" && export XLA_FLAGS=--xla_force_host_platform_device_count=8 && nbdev_test && pytest -n 2
 # ```
 #
 # Both need Python 3.11. The second installs the pinned development tools, including CPU PyTorch
