@@ -121,7 +121,8 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [21_sft](nbs/21_sft.ipynb) | `sft` | a generated instruction set over math/code/safety/general, chat packing with segment ids, assistant-only loss, the shared post-training loop (`xgen-small sft`) | ✅ |
 # | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |
 # | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math and sandboxed unit-test rewards (`xgen-small rl`) | ✅ |
-# | 40 pipeline | | the whole run, docs site, benchmark report | issue 9 |
+# | [45_full_scale](nbs/45_full_scale.ipynb) | `scale` | reproducing xGen-small at full scale: FLOPs and hours per stage on TPU v5p slices from closed-form counts, meshes, pod commands | ✅ |
+# | 40 pipeline | | the whole run as one command, docs site, benchmark report | issue 9 |
 #
 # ## What the report says and what we chose
 #
