@@ -149,5 +149,12 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # the package, the notebooks, their scripts and this README agree, then the test command above.
 # (`nbdev_readme` and `nbdev_docs` need Quarto, which cannot be installed from PyPI; they stay
 # configured for those who have it, and `tools/nbtool.py readme` does the README without it.)
+#
+# The documentation site renders the executed notebooks, outputs and plots included, with mkdocs-material
+# and mkdocs-jupyter, which install from PyPI alone:
+#
+# ```sh
+# pip install -e ".[docs]" && python tools/nbtool.py docs    # -> docs/index.html (about 50 s)
+# ```
 # Benchmarks live in `benchmarks/` and print our numbers next to a reference implementation's,
 # measured in the same run.

@@ -43,3 +43,10 @@ def test_attention_benchmark_quick():
 def test_train_benchmark_quick():
     rows = _load('train').main(['--quick'])
     assert rows and all(r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] < 1.5 for r in rows)
+
+
+def test_tokenizer_benchmark_quick():
+    rows = _load('tokenizer').main(['--quick'])
+    ours = [r for r in rows if r['system'].startswith('ours')]
+    assert len(ours) == 2 and all(r['same_ids'] == 1.0 and r['round_trip'] == 1.0 for r in ours)   # the wrapper changes no ids
+    assert all(r['mb_s'] > 0 for r in rows)

@@ -5,6 +5,7 @@
     python tools/nbtool.py check-pairs       # fail when an .ipynb and its .py disagree (CI)
     python tools/nbtool.py readme [--check]  # README.md from nbs/index.ipynb (quarto-free nbdev_readme)
     python tools/nbtool.py command main|test # print one of README's two commands (CI runs the test one)
+    python tools/nbtool.py docs              # the documentation site in docs/ (mkdocs; pip install -e ".[docs]")
 
 Notebooks are executed with 8 host CPU devices, as in CI, so multi-device examples show real meshes.
 """
@@ -106,6 +107,36 @@ def command(which: str) -> str:
     return m.group(1).strip()
 
 
+DOCS_SRC = ROOT / '_docs_src'
+
+
+def docs_sources() -> Path:
+    "Notebooks as readers should see them: `#| hide` and `#| eval: false` cells dropped, `#|` directive lines removed."
+    import shutil
+    if DOCS_SRC.exists(): shutil.rmtree(DOCS_SRC)
+    DOCS_SRC.mkdir()
+    for nb_path in sorted(NBS.glob('*.ipynb')):
+        nb = json.loads(nb_path.read_text())
+        cells = []
+        for c in nb['cells']:
+            src = ''.join(c['source'])
+            if c['cell_type'] == 'code':
+                if re.search(r'^#\|\s*(hide|eval:\s*false)\b', src, re.M): continue
+                src = '\n'.join(l for l in src.splitlines() if not l.startswith('#|')).strip('\n')
+                if not src.strip() and not c.get('outputs'): continue
+                c = dict(c, source=src)
+            cells.append(c)
+        (DOCS_SRC / nb_path.name).write_text(json.dumps(dict(nb, cells=cells), indent=1))
+    shutil.copytree(ROOT / 'tools' / 'docs_assets', DOCS_SRC / 'assets')
+    return DOCS_SRC
+
+
+def docs() -> int:
+    docs_sources()
+    return subprocess.call([sys.executable, '-m', 'mkdocs', 'build', '--strict' if '--strict' in sys.argv else '--clean',
+                            '-f', str(ROOT / 'mkdocs.yml')], cwd=ROOT)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='cmd', required=True)
@@ -114,12 +145,14 @@ def main(argv=None):
     r = sub.add_parser('run'); r.add_argument('names', nargs='*')
     m = sub.add_parser('readme'); m.add_argument('--check', action='store_true')
     c = sub.add_parser('command'); c.add_argument('which', choices=['main', 'test'])
+    sub.add_parser('docs')
     a = p.parse_args(argv)
     if a.cmd == 'check-pairs': return check_pairs()
     if a.cmd == 'sync': return sync(a.names)
     if a.cmd == 'run': return run(a.names)
     if a.cmd == 'readme': return readme(a.check)
     if a.cmd == 'command': print(command(a.which)); return 0
+    if a.cmd == 'docs': return docs()
 
 
 if __name__ == '__main__':
