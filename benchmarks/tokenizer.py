@@ -3,7 +3,7 @@ trained on the sample corpus) against the raw sentencepiece processor of the sam
 must give the same ids, and its cost is the overhead), and against tiktoken's cl100k_base (a different, 100K
 vocabulary, for scale: bytes/s and bytes per token are what compare).
 
-    python benchmarks/tokenizer.py            # ~40 MB of text
+    python benchmarks/tokenizer.py            # the sample corpus 20 times: 112 MB of text, about a minute
     python benchmarks/tokenizer.py --quick    # a smoke run (tests/test_benchmarks.py)
 """
 import argparse
