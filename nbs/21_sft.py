@@ -307,14 +307,37 @@ def pack_conversations(tok: Tokenizer, conversations: Sequence[dict], seq_len: i
     return Packed(**a, loss_mask=mask)
 
 # %% [markdown]
+# Preference pairs and RL samples are scored one sequence per row (each row's log-likelihood is needed on its own),
+# so they are padded rather than packed; `padded_rows` builds those rows with the same shift and mask convention.
+
+# %%
+#| export
+def padded_rows(seqs: Sequence[tuple], seq_len: int, what: str = 'sequence') -> dict:
+    "One right-padded row per `(ids, mask)`: inputs `ids[:-1]`, targets `ids[1:]`, loss mask `mask[1:]`, segment 1."
+    a = {k: np.zeros((len(seqs), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+    a['loss_mask'] = np.zeros((len(seqs), seq_len), np.float32)
+    for i, (ids, mask) in enumerate(seqs):
+        n = len(ids) - 1
+        if n > seq_len: raise ValueError(f"{what} {i} has {len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
+        a['inputs'][i, :n], a['targets'][i, :n] = ids[:-1], ids[1:]
+        a['segment_ids'][i, :n], a['positions'][i, :n], a['loss_mask'][i, :n] = 1, np.arange(n), mask[1:]
+    return a
+
+# %% [markdown]
 # We need a tokenizer to see it. The one from notebook 07, trained on the sample corpus plus a few generated
 # instructions (so that words like `def` and `answer` get their own pieces):
 
 # %%
-from xgen_small.data.sample import load_sample
-from xgen_small.tokenizer import train_tokenizer
-texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
-tok = Tokenizer(train_tokenizer(texts, 4096))
+#| export
+def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
+    "A tokenizer trained on 600 sample-corpus documents plus 400 generated conversations: the one notebooks 21-23 use."
+    from xgen_small.data.sample import load_sample
+    from xgen_small.tokenizer import train_tokenizer
+    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
+    return Tokenizer(train_tokenizer(texts, vocab_size))
+
+# %%
+tok = instruction_tokenizer()
 packed = pack_conversations(tok, instruction_set(64, seed=0), 256)
 print(f'{len(packed)} rows of 256 tokens for 64 conversations, {packed.fill:.0%} full; '
       f'{packed.loss_mask.sum() / (packed.segment_ids > 0).sum():.0%} of the real tokens are trained on')
@@ -333,6 +356,10 @@ starts = (p.positions == 0) & (p.segment_ids > 0)
 test_eq(int(starts.sum()), len(data))                                                   # positions restart per conversation
 test_fail(lambda: pack_conversations(tok, data, 16), contains='more than seq_len')
 test_fail(lambda: pack_conversations(tok, [[dict(role='user', content='hi')]], 64), contains='no assistant turn')
+r = padded_rows([([5, 6, 7, 8], [0, 0, 1, 1])], 6)
+test_eq(r['inputs'][0].tolist(), [5, 6, 7, 0, 0, 0]); test_eq(r['targets'][0].tolist(), [6, 7, 8, 0, 0, 0])
+test_eq(r['loss_mask'][0].tolist(), [0, 1, 1, 0, 0, 0]); test_eq(r['segment_ids'][0].tolist(), [1, 1, 1, 0, 0, 0])
+test_fail(lambda: padded_rows([([1] * 9, [1] * 9)], 6, 'pair'), contains='pair 0 has 9 tokens')
 
 # %% [markdown]
 # ## The post-training loop

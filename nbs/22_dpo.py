@@ -67,7 +67,7 @@ import numpy as np
 from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, post_train
+from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, padded_rows, post_train
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -188,19 +188,13 @@ for p in arithmetic_pairs(50, seed=1):
 #| export
 def pair_rows(tok: Tokenizer, pairs: Sequence[dict], seq_len: int) -> dict:
     "Chosen and rejected rows, `{'chosen': {...}, 'rejected': {...}}`, each `[pairs, seq_len]` arrays."
+    for i, p in enumerate(pairs):
+        for k in ('prompt', 'chosen', 'rejected'):
+            if k not in p: raise ValueError(f"pair {i} has no {k!r}")
+        if p['chosen'] == p['rejected']: raise ValueError(f"pair {i}: chosen and rejected are the same reply")
     def rows(side):
-        a = {k: np.zeros((len(pairs), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-        a['loss_mask'] = np.zeros((len(pairs), seq_len), np.float32)
-        for i, p in enumerate(pairs):
-            for k in ('prompt', 'chosen', 'rejected'):
-                if k not in p: raise ValueError(f"pair {i} has no {k!r}")
-            if p['chosen'] == p['rejected']: raise ValueError(f"pair {i}: chosen and rejected are the same reply")
-            r = render_chat(tok, list(p['prompt']) + [dict(role='assistant', content=p[side])])
-            n = len(r.ids) - 1
-            if n > seq_len: raise ValueError(f"pair {i} ({side}) has {len(r.ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
-            a['inputs'][i, :n], a['targets'][i, :n] = r.ids[:-1], r.ids[1:]
-            a['segment_ids'][i, :n], a['positions'][i, :n], a['loss_mask'][i, :n] = 1, np.arange(n), r.mask[1:]
-        return a
+        chats = [render_chat(tok, list(p['prompt']) + [dict(role='assistant', content=p[side])]) for p in pairs]
+        return padded_rows([(r.ids, r.mask) for r in chats], seq_len, f'{side} side of pair')
     return dict(chosen=rows('chosen'), rejected=rows('rejected'))
 
 @jax.jit
@@ -279,11 +273,8 @@ def dpo(params: dict, model_cfg: ModelConfig, tok: Tokenizer, pairs: Sequence[di
 import tempfile, time
 from pathlib import Path
 from xgen_small.config import get_preset
-from xgen_small.data.sample import load_sample
-from xgen_small.sft import SFTConfig, chat, instruction_set, math_reward, random_params, sft
-from xgen_small.tokenizer import train_tokenizer
-texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
-tok = Tokenizer(train_tokenizer(texts, 4096))
+from xgen_small.sft import SFTConfig, chat, instruction_set, math_reward, random_params, instruction_tokenizer, sft
+tok = instruction_tokenizer()
 mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=128)
 work = Path(tempfile.mkdtemp())
 p0 = random_params(mcfg)

@@ -89,7 +89,8 @@ from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.dpo import token_logps
 from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward, post_train
+from xgen_small.sft import (PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward,
+                            padded_rows, post_train)
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -388,17 +389,6 @@ def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig
     rewards = np.array([task_reward(tasks[i // G], texts[i], cfg.reward_timeout) for i in range(len(texts))]).reshape(len(tasks), G)
     return dict(prompts=prompts, tokens=tokens, texts=texts, rewards=rewards)
 
-def _rows(prompts, completions, seq_len: int) -> dict:
-    a = {k: np.zeros((len(prompts), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-    a['loss_mask'] = np.zeros((len(prompts), seq_len), np.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = list(p) + list(c); n = len(ids) - 1
-        if n > seq_len: raise ValueError(f"prompt + completion has {len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
-        a['inputs'][i, :n], a['targets'][i, :n] = ids[:-1], ids[1:]
-        a['segment_ids'][i, :n], a['positions'][i, :n] = 1, np.arange(n)
-        a['loss_mask'][i, len(p) - 1:n] = 1.0                                  # targets that are completion tokens
-    return a
-
 def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, out_dir, *,
        ref_params: dict | None = None, progress: bool = True, stop_at: int | None = None) -> PostResult:
     """GRPO on `tasks` from `params` (the KL reference: `ref_params`, default `params`), checkpointing into `out_dir`.
@@ -419,7 +409,8 @@ def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dic
             picked = [tasks[i] for i in rng.choice(len(tasks), cfg.batch_size, replace=len(tasks) < cfg.batch_size)]
             policy = model_with_params(model_cfg, jax.device_get(state['params']))
             ro = rollout(policy, tok, picked, cfg, seed=int(rng.integers(2**31)))
-            b = _rows(ro['prompts'], ro['tokens'], tcfg.seq_len)
+            b = padded_rows([(list(p) + list(c), [0] * len(p) + [1] * len(c)) for p, c in zip(ro['prompts'], ro['tokens'])],
+                            tcfg.seq_len, 'prompt + completion')
             b['old'] = np.asarray(_token_logps_of(policy, b, cfg.temperature))
             b['ref'] = np.asarray(_token_logps_of(ref, b, cfg.temperature)) if ref is not None else b['old']
             b['adv'] = group_advantages(ro['rewards'], cfg.advantage_scale).reshape(-1)
@@ -443,11 +434,8 @@ import tempfile
 from pathlib import Path
 from IPython.display import Markdown
 from xgen_small.config import get_preset
-from xgen_small.data.sample import load_sample
-from xgen_small.sft import SFTConfig, chat, instruction_set, random_params, sft
-from xgen_small.tokenizer import train_tokenizer
-texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
-tok = Tokenizer(train_tokenizer(texts, 4096))
+from xgen_small.sft import SFTConfig, chat, instruction_set, random_params, instruction_tokenizer, sft
+tok = instruction_tokenizer()
 mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=128)
 work = Path(tempfile.mkdtemp())
 p0 = random_params(mcfg)

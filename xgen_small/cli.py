@@ -185,19 +185,12 @@ def _post_cmd(args) -> None:
 
 def _read_docs(paths) -> list[dict]:
     "Documents (`text`, `domain`) from JSONL(.gz) files; the sample corpus when `paths` is empty."
-    import gzip, json
     from xgen_small.data.sample import load_sample
     if not paths: return [dict(text=d['text'], domain=d['domain']) for d in load_sample()]
     docs = []
-    for p in paths:
-        with (gzip.open(p, 'rt', encoding='utf-8') if str(p).endswith('.gz') else open(p, encoding='utf-8')) as f:
-            for i, line in enumerate(f):
-                if not line.strip(): continue
-                try: r = json.loads(line)
-                except json.JSONDecodeError as err: raise ValueError(f"{p} line {i + 1}: not JSON ({err.msg})") from None
-                if not isinstance(r, dict) or not isinstance(r.get('text'), str):
-                    raise ValueError(f"{p} line {i + 1}: expected an object with a string 'text'")
-                docs.append(dict(text=r['text'], domain=r.get('domain', 'web')))
+    for i, r in enumerate(_read_jsonl(paths, 'a document')):
+        if not isinstance(r.get('text'), str): raise ValueError(f"document {i}: expected an object with a string 'text'")
+        docs.append(dict(text=r['text'], domain=r.get('domain', 'web')))
     return docs
 
 def _extend_cmd(args) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .generate import Sampling, generate
 from .model import Decoder, model_with_params
-from .sft import PostConfig, PostResult, arithmetic_problem, post_train
+from .sft import PostConfig, PostResult, arithmetic_problem, padded_rows, post_train
 from .tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% auto #0
@@ -80,19 +80,13 @@ def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward:
 # %% ../nbs/22_dpo.ipynb #39b48bb4
 def pair_rows(tok: Tokenizer, pairs: Sequence[dict], seq_len: int) -> dict:
     "Chosen and rejected rows, `{'chosen': {...}, 'rejected': {...}}`, each `[pairs, seq_len]` arrays."
+    for i, p in enumerate(pairs):
+        for k in ('prompt', 'chosen', 'rejected'):
+            if k not in p: raise ValueError(f"pair {i} has no {k!r}")
+        if p['chosen'] == p['rejected']: raise ValueError(f"pair {i}: chosen and rejected are the same reply")
     def rows(side):
-        a = {k: np.zeros((len(pairs), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-        a['loss_mask'] = np.zeros((len(pairs), seq_len), np.float32)
-        for i, p in enumerate(pairs):
-            for k in ('prompt', 'chosen', 'rejected'):
-                if k not in p: raise ValueError(f"pair {i} has no {k!r}")
-            if p['chosen'] == p['rejected']: raise ValueError(f"pair {i}: chosen and rejected are the same reply")
-            r = render_chat(tok, list(p['prompt']) + [dict(role='assistant', content=p[side])])
-            n = len(r.ids) - 1
-            if n > seq_len: raise ValueError(f"pair {i} ({side}) has {len(r.ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
-            a['inputs'][i, :n], a['targets'][i, :n] = r.ids[:-1], r.ids[1:]
-            a['segment_ids'][i, :n], a['positions'][i, :n], a['loss_mask'][i, :n] = 1, np.arange(n), r.mask[1:]
-        return a
+        chats = [render_chat(tok, list(p['prompt']) + [dict(role='assistant', content=p[side])]) for p in pairs]
+        return padded_rows([(r.ids, r.mask) for r in chats], seq_len, f'{side} side of pair')
     return dict(chosen=rows('chosen'), rejected=rows('rejected'))
 
 @jax.jit

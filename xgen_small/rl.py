@@ -25,7 +25,8 @@ from .config import ConfigError, ModelConfig
 from .dpo import token_logps
 from .generate import Sampling, generate
 from .model import Decoder, model_with_params
-from .sft import PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward, post_train
+from .sft import (PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward,
+                            padded_rows, post_train)
 from .tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% auto #0
@@ -214,17 +215,6 @@ def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig
     rewards = np.array([task_reward(tasks[i // G], texts[i], cfg.reward_timeout) for i in range(len(texts))]).reshape(len(tasks), G)
     return dict(prompts=prompts, tokens=tokens, texts=texts, rewards=rewards)
 
-def _rows(prompts, completions, seq_len: int) -> dict:
-    a = {k: np.zeros((len(prompts), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
-    a['loss_mask'] = np.zeros((len(prompts), seq_len), np.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids = list(p) + list(c); n = len(ids) - 1
-        if n > seq_len: raise ValueError(f"prompt + completion has {len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
-        a['inputs'][i, :n], a['targets'][i, :n] = ids[:-1], ids[1:]
-        a['segment_ids'][i, :n], a['positions'][i, :n] = 1, np.arange(n)
-        a['loss_mask'][i, len(p) - 1:n] = 1.0                                  # targets that are completion tokens
-    return a
-
 def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, out_dir, *,
        ref_params: dict | None = None, progress: bool = True, stop_at: int | None = None) -> PostResult:
     """GRPO on `tasks` from `params` (the KL reference: `ref_params`, default `params`), checkpointing into `out_dir`.
@@ -245,7 +235,8 @@ def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dic
             picked = [tasks[i] for i in rng.choice(len(tasks), cfg.batch_size, replace=len(tasks) < cfg.batch_size)]
             policy = model_with_params(model_cfg, jax.device_get(state['params']))
             ro = rollout(policy, tok, picked, cfg, seed=int(rng.integers(2**31)))
-            b = _rows(ro['prompts'], ro['tokens'], tcfg.seq_len)
+            b = padded_rows([(list(p) + list(c), [0] * len(p) + [1] * len(c)) for p, c in zip(ro['prompts'], ro['tokens'])],
+                            tcfg.seq_len, 'prompt + completion')
             b['old'] = np.asarray(_token_logps_of(policy, b, cfg.temperature))
             b['ref'] = np.asarray(_token_logps_of(ref, b, cfg.temperature)) if ref is not None else b['old']
             b['adv'] = group_advantages(ro['rewards'], cfg.advantage_scale).reshape(-1)

@@ -32,8 +32,9 @@ from .train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, _checke
 # %% auto #0
 __all__ = ['DOMAINS', 'SYSTEM_PROMPT', 'ANSWER', 'CODE_TASKS', 'HARMFUL', 'HARMLESS', 'WORDS', 'CAPITALS', 'OPPOSITES',
            'arithmetic_problem', 'every_arithmetic_problem', 'extract_answer', 'math_reward', 'code_task',
-           'safety_example', 'general_example', 'instruction_set', 'Packed', 'pack_conversations', 'PostConfig',
-           'PostResult', 'make_step', 'post_train', 'SFTConfig', 'sft', 'chat', 'reply_accuracy', 'random_params']
+           'safety_example', 'general_example', 'instruction_set', 'Packed', 'pack_conversations', 'padded_rows',
+           'instruction_tokenizer', 'PostConfig', 'PostResult', 'make_step', 'post_train', 'SFTConfig', 'sft', 'chat',
+           'reply_accuracy', 'random_params']
 
 # %% ../nbs/21_sft.ipynb #8da982c0
 DOMAINS = ('math', 'code', 'safety', 'general')
@@ -198,6 +199,26 @@ def pack_conversations(tok: Tokenizer, conversations: Sequence[dict], seq_len: i
             a['segment_ids'][r, at:at + n], a['positions'][r, at:at + n] = s, np.arange(n)
             mask[r, at:at + n] = m[1:]; at += n
     return Packed(**a, loss_mask=mask)
+
+# %% ../nbs/21_sft.ipynb #54906bd6
+def padded_rows(seqs: Sequence[tuple], seq_len: int, what: str = 'sequence') -> dict:
+    "One right-padded row per `(ids, mask)`: inputs `ids[:-1]`, targets `ids[1:]`, loss mask `mask[1:]`, segment 1."
+    a = {k: np.zeros((len(seqs), seq_len), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'positions')}
+    a['loss_mask'] = np.zeros((len(seqs), seq_len), np.float32)
+    for i, (ids, mask) in enumerate(seqs):
+        n = len(ids) - 1
+        if n > seq_len: raise ValueError(f"{what} {i} has {len(ids)} tokens, more than seq_len + 1 = {seq_len + 1}")
+        a['inputs'][i, :n], a['targets'][i, :n] = ids[:-1], ids[1:]
+        a['segment_ids'][i, :n], a['positions'][i, :n], a['loss_mask'][i, :n] = 1, np.arange(n), mask[1:]
+    return a
+
+# %% ../nbs/21_sft.ipynb #fac3872c
+def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
+    "A tokenizer trained on 600 sample-corpus documents plus 400 generated conversations: the one notebooks 21-23 use."
+    from xgen_small.data.sample import load_sample
+    from xgen_small.tokenizer import train_tokenizer
+    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
+    return Tokenizer(train_tokenizer(texts, vocab_size))
 
 # %% ../nbs/21_sft.ipynb #8543aba8
 @dataclass(frozen=True)
