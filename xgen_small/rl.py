@@ -154,9 +154,10 @@ def group_advantages(rewards, scale: str = 'std', eps: float = 1e-6) -> np.ndarr
     return (a / (r.std(axis=1, keepdims=True) + eps) if scale == 'std' else a).astype(np.float32)
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float = 0.2, kl_beta: float = 0.0,
-              aggregation: str = 'token_mean') -> tuple[jax.Array, dict]:
+              aggregation: str = 'token_mean', max_tokens: int | None = None) -> tuple[jax.Array, dict]:
     """The clipped-ratio objective with an optional k3 KL penalty, aggregated over tokens (`[rows, length]` log-probs,
-    `[rows]` advantages, `[rows, length]` 0/1 completion mask); returns (loss, metrics)."""
+    `[rows]` advantages, `[rows, length]` 0/1 completion mask); returns (loss, metrics). `max_tokens`: the
+    `constant` aggregation's per-completion budget (default: the row length)."""
     if aggregation not in AGGREGATIONS: raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     ratio = jnp.exp(logps - old_logps)
     adv = advantages[:, None]
@@ -168,7 +169,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float = 0
     n_tok = jnp.maximum(mask.sum(), 1.0)
     if aggregation == 'token_mean': loss = (per_token * mask).sum() / n_tok
     elif aggregation == 'sequence_mean': loss = jnp.mean((per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0))
-    else: loss = (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])
+    else: loss = (per_token * mask).sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))
     was_clipped = (jnp.abs(ratio - 1) > clip_eps) & (mask > 0)
     return loss, dict(kl=(kl * mask).sum() / n_tok, clip_fraction=was_clipped.sum() / n_tok,
                       ratio=(ratio * mask).sum() / n_tok)
@@ -247,6 +248,7 @@ def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dic
         return cache[k]
     def loss_fn(model, b):
         lp = token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / cfg.temperature, b['targets'])
-        return grpo_loss(lp, b['old'], b['ref'], b['adv'], b['loss_mask'], cfg.clip_eps, cfg.kl_beta, cfg.aggregation)
+        return grpo_loss(lp, b['old'], b['ref'], b['adv'], b['loss_mask'], cfg.clip_eps, cfg.kl_beta, cfg.aggregation,
+                         cfg.max_new_tokens)
     return post_train('rl', tcfg, params, out_dir, batch_fn, dict(rl=cfg.to_dict(), tasks=len(tasks)), loss_fn=loss_fn,
                       progress=progress, stop_at=stop_at)
