@@ -122,7 +122,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |
 # | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math and sandboxed unit-test rewards (`xgen-small rl`) | ✅ |
 # | [45_full_scale](nbs/45_full_scale.ipynb) | `scale` | reproducing xGen-small at full scale: FLOPs and hours per stage on TPU v5p slices from closed-form counts, meshes, pod commands | ✅ |
-# | 40 pipeline | | the whole run as one command, docs site, benchmark report | issue 9 |
+# | 40 pipeline | | the whole run as one command with a report (the docs site and the benchmark report are done: see Developing, `benchmarks/README.md`) | issue 9 |
 #
 # ## What the report says and what we chose
 #
