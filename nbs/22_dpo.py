@@ -67,7 +67,7 @@ import numpy as np
 from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, padded_rows, post_train
+from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, epoch_indices, padded_rows, post_train
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -216,7 +216,7 @@ def reference_logps(model: Decoder, rows: dict, batch_size: int = 32) -> np.ndar
 # model gets worse (Pang et al., 2024, "Iterative Reasoning Preference Optimization", arXiv 2404.19733, saw it on
 # GSM8K and fixed it by adding the chosen answer's negative log-likelihood). `sft_weight` adds that term, per token
 # of the chosen reply. Each step takes `batch_size` pairs
-# (a per-epoch permutation seeded by `(seed, epoch)`, as in SFT), stacks their chosen rows over their rejected rows,
+# (`epoch_indices`: a per-epoch permutation seeded by `(seed, epoch)`, as in SFT), stacks their chosen rows over their rejected rows,
 # runs the policy once over both, and applies the loss with the stored reference log-probs. The reference is the
 # starting model unless another is given.
 
@@ -249,9 +249,7 @@ def dpo(params: dict, model_cfg: ModelConfig, tok: Tokenizer, pairs: Sequence[di
     ref_lp = {side: reference_logps(ref, rows[side]) for side in ('chosen', 'rejected')}
     n, B = len(pairs), cfg.batch_size
     def batch_fn(step, state, tr):
-        seen = step * B + np.arange(B)
-        order = {e: np.random.default_rng([cfg.seed, e]).permutation(n) for e in set((seen // n).tolist())}
-        idx = np.array([order[s // n][s % n] for s in seen.tolist()])
+        idx = epoch_indices(cfg.seed, step, B, n)
         b = {k: np.concatenate([rows['chosen'][k][idx], rows['rejected'][k][idx]]) for k in rows['chosen']}
         b['ref'] = np.concatenate([ref_lp['chosen'][idx], ref_lp['rejected'][idx]])
         return b

@@ -16,7 +16,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .generate import Sampling, generate
 from .model import Decoder, model_with_params
-from .sft import PostConfig, PostResult, arithmetic_problem, padded_rows, post_train
+from .sft import PostConfig, PostResult, arithmetic_problem, epoch_indices, padded_rows, post_train
 from .tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% auto #0
@@ -127,9 +127,7 @@ def dpo(params: dict, model_cfg: ModelConfig, tok: Tokenizer, pairs: Sequence[di
     ref_lp = {side: reference_logps(ref, rows[side]) for side in ('chosen', 'rejected')}
     n, B = len(pairs), cfg.batch_size
     def batch_fn(step, state, tr):
-        seen = step * B + np.arange(B)
-        order = {e: np.random.default_rng([cfg.seed, e]).permutation(n) for e in set((seen // n).tolist())}
-        idx = np.array([order[s // n][s % n] for s in seen.tolist()])
+        idx = epoch_indices(cfg.seed, step, B, n)
         b = {k: np.concatenate([rows['chosen'][k][idx], rows['rejected'][k][idx]]) for k in rows['chosen']}
         b['ref'] = np.concatenate([ref_lp['chosen'][idx], ref_lp['rejected'][idx]])
         return b

@@ -33,8 +33,8 @@ from .train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, _checke
 __all__ = ['DOMAINS', 'SYSTEM_PROMPT', 'ANSWER', 'CODE_TASKS', 'HARMFUL', 'HARMLESS', 'WORDS', 'CAPITALS', 'OPPOSITES',
            'arithmetic_problem', 'every_arithmetic_problem', 'extract_answer', 'math_reward', 'code_task',
            'safety_example', 'general_example', 'instruction_set', 'Packed', 'pack_conversations', 'padded_rows',
-           'instruction_tokenizer', 'PostConfig', 'PostResult', 'make_step', 'post_train', 'SFTConfig', 'sft', 'chat',
-           'reply_accuracy', 'random_params']
+           'instruction_tokenizer', 'PostConfig', 'PostResult', 'make_step', 'post_train', 'SFTConfig', 'epoch_indices',
+           'sft', 'chat', 'reply_accuracy', 'random_params']
 
 # %% ../nbs/21_sft.ipynb #8da982c0
 DOMAINS = ('math', 'code', 'safety', 'general')
@@ -334,16 +334,19 @@ class SFTConfig(PostConfig):
     steps: int = 200
     lr: float = 1e-3
 
+def epoch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+    "The `batch_size` item indices of `step`: consecutive slots of per-epoch permutations seeded by `(seed, epoch)`."
+    seen = step * batch_size + np.arange(batch_size)        # the items this step takes, counted over all epochs
+    order = {e: np.random.default_rng([seed, e]).permutation(n) for e in set((seen // n).tolist())}
+    return np.array([order[s // n][s % n] for s in seen.tolist()])
+
 def sft(params: dict, model_cfg: ModelConfig, tok: Tokenizer, conversations: Sequence[dict], cfg: SFTConfig, out_dir,
         *, progress: bool = True, stop_at: int | None = None) -> PostResult:
     "Fine-tune `params` on `conversations` (assistant tokens only), checkpointing into `out_dir` (resumable)."
     tcfg = cfg.train_config(model_cfg, 'sft')
     packed = pack_conversations(tok, conversations, tcfg.seq_len)
     n, B = len(packed), cfg.batch_size
-    def batch_fn(step, state, tr):
-        seen = step * B + np.arange(B)                          # the rows this step takes, counted over all epochs
-        order = {e: np.random.default_rng([cfg.seed, e]).permutation(n) for e in set((seen // n).tolist())}
-        return packed.batch(np.array([order[s // n][s % n] for s in seen.tolist()]))
+    def batch_fn(step, state, tr): return packed.batch(epoch_indices(cfg.seed, step, B, n))
     return post_train('sft', tcfg, params, out_dir, batch_fn, dict(sft=cfg.to_dict(), rows=n, fill=packed.fill),
                       progress=progress, stop_at=stop_at)
 
@@ -367,10 +370,11 @@ def reply_accuracy(model: Decoder, tok: Tokenizer, conversations: Sequence[dict]
     """Per domain (and 'all'), the fraction of greedy replies that are right: equal to the reference, or for math,
     the right working and no wrong stated answer."""
     replies = chat(model, tok, [c['messages'][:-1] for c in conversations], max_new_tokens)
+    ok = [_reply_ok(c, r) for c, r in zip(conversations, replies)]
     hits = {}
-    for c, r in zip(conversations, replies): hits.setdefault(c.get('domain', 'other'), []).append(_reply_ok(c, r))
+    for c, k in zip(conversations, ok): hits.setdefault(c.get('domain', 'other'), []).append(k)
     out = {d: float(np.mean(h)) for d, h in sorted(hits.items())}
-    out['all'] = float(np.mean([_reply_ok(c, r) for c, r in zip(conversations, replies)]))
+    out['all'] = float(np.mean(ok))
     return out
 
 # %% ../nbs/21_sft.ipynb #3b221552
