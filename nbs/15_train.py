@@ -131,28 +131,53 @@ class TrainConfig:
         if 'schedule' in d: d['schedule'] = tuple(LRPhase(**p) if isinstance(p, dict) else p for p in d['schedule'])
         return cls(**d)
 
-def apply_overrides(cfg: TrainConfig, pairs) -> TrainConfig:
-    "`['model.d_model=256', 'batch_size=16', 'schedule.0.peak_lr=1e-3']` applied to `cfg`, typed by the fields."
-    d = cfg.to_dict()
+def _typed(key: str, old, raw: str):
+    "`raw` read as the type of the value it replaces (a list: comma-separated, typed by its first element)."
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ('1', '0', 'true', 'false'): raise ValueError(raw)
+            return raw.lower() in ('1', 'true')
+        if isinstance(old, dict):                           # a free-form mapping: give it as JSON
+            v = json.loads(raw)
+            if not isinstance(v, dict): raise ValueError(raw)
+            return v
+        if isinstance(old, list):
+            kind = type(old[0]) if old else str
+            return [_typed(key, kind(), x.strip()) for x in raw.split(',') if x.strip()]
+        return type(old)(raw) if old is not None else raw
+    except ValueError: raise ConfigError(f"{key}: cannot read {raw!r} as {type(old).__name__}"
+                                         + (' (give a JSON object)' if isinstance(old, dict) else '')) from None
+
+def override_dict(d: dict, pairs) -> dict:
+    "A copy of the nested config dict `d` with `['a.b=1', 'schedule.0.peak_lr=1e-3']` applied, typed by what they replace."
+    d = json.loads(json.dumps(d))
     for pair in pairs:
         key, sep, raw = pair.partition('=')
         if not sep: raise ConfigError(f"override {pair!r} must look like field=value")
         *parents, leaf = key.split('.')
         node = d
         for p in parents:
-            node = node[int(p)] if isinstance(node, list) and p.isdigit() else node.get(p) if isinstance(node, dict) else None
+            node = (node[int(p)] if isinstance(node, list) and p.isdigit() and int(p) < len(node) else
+                    node.get(p) if isinstance(node, dict) else None)
             if node is None: raise ConfigError(f"no config field {key!r}")
         if isinstance(node, list) or leaf not in node: raise ConfigError(f"no config field {key!r}")
-        old = node[leaf]
-        try: node[leaf] = (raw.lower() in ('1', 'true')) if isinstance(old, bool) else type(old)(raw) if old is not None else raw
-        except ValueError: raise ConfigError(f"{key}: cannot read {raw!r} as {type(old).__name__}") from None
-    return TrainConfig.from_dict(d)
+        node[leaf] = _typed(key, node[leaf], raw)
+    return d
+
+def apply_overrides(cfg: TrainConfig, pairs) -> TrainConfig:
+    "`['model.d_model=256', 'batch_size=16', 'schedule.0.peak_lr=1e-3']` applied to `cfg`, typed by the fields."
+    return TrainConfig.from_dict(override_dict(cfg.to_dict(), pairs))
 
 # %%
 cfg = TrainConfig()
 test_eq(TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))), cfg)
 test_eq(apply_overrides(cfg, ['model.d_model=256', 'batch_size=16', 'schedule.1.final_lr=0']).model.d_model, 256)
 test_fail(lambda: apply_overrides(cfg, ['model.width=3']), contains="no config field 'model.width'")
+test_fail(lambda: apply_overrides(cfg, ['schedule.7.steps=3']), contains="no config field 'schedule.7.steps'")
+test_fail(lambda: apply_overrides(cfg, ['balance_sequence=maybe']), contains="cannot read 'maybe' as bool")
+test_eq(override_dict({'lengths': [512, 1024]}, ['lengths=256, 2048'])['lengths'], [256, 2048])
+test_eq(override_dict({'shares': {}}, ['shares={"math": 2}'])['shares'], {'math': 2})
+test_fail(lambda: override_dict({'shares': {}}, ['shares=math']), contains='give a JSON object')
 test_fail(lambda: TrainConfig(batch_size=6, grad_accum=4), contains='grad_accum')
 test_fail(lambda: TrainConfig(seq_len=4096), contains='max_seq_len')
 
