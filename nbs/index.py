@@ -51,20 +51,24 @@ if 'google.colab' in sys.modules:
 # %% [markdown]
 # ## Two commands
 #
-# Run the main job (today: initialise the tiny model and decode a batch with the KV cache; the
-# pipeline's stages join it as they land, and `xgen-small curate` already runs the data curation):
+# Run the main job: the whole pipeline on the embedded sample corpus with the tiny model (curate, tokenizer,
+# two-phase pre-training, 1K -> 2K -> 4K length extension, SFT, DPO, GRPO, RULER evaluation), about
+# 12 minutes on two CPU cores. It writes `runs/xgen_small/`, one directory per stage, and
+# `runs/xgen_small/report/`: `summary.md` with every stage's numbers, the plots, and the final model as an orbax
+# checkpoint and as Llama-format safetensors. Interrupt it at any point and run it again: finished stages are
+# skipped and a training stage continues from its last checkpoint (notebook 40).
 #
 # <!-- command: main -->
 # ```sh
-# pip install -e . && xgen-small demo
+# pip install -e . && xgen-small run
 # ```
 #
 # Run every test (all notebooks with `nbdev_test`, then `pytest` in two worker processes, each with 8 simulated
-# CPU devices):
+# CPU devices; both print what took longest):
 #
 # <!-- command: test -->
 # ```sh
-# pip install -e ".[dev]" && export XLA_FLAGS=--xla_force_host_platform_device_count=8 && nbdev_test && pytest -n 2
+# pip install -e ".[dev]" && export XLA_FLAGS=--xla_force_host_platform_device_count=8 && nbdev_test --timing && pytest -n 2 --durations=15
 # ```
 #
 # Both need Python 3.11. The second installs the pinned development tools, including CPU PyTorch
@@ -109,7 +113,6 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [12_model](nbs/12_model.ipynb) | `model` | the decoder, layer scan and remat, KV cache, parameter counts | ✅ |
 # | [16_generate](nbs/16_generate.ipynb) | `generate` | compiled KV-cache decoding, greedy/top-k/top-p, stop tokens | ✅ |
 # | [17_hf](nbs/17_hf.ipynb) | `hf` | safetensors, import/export of Llama-format checkpoints | ✅ |
-# | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command: `demo`, `presets`, `curate`, `pretrain`, `extend`, `eval`, `sft`, `dpo`, `rl` | ✅ |
 # | [07_tokenizer](nbs/07_tokenizer.ipynb) | `tokenizer` | sentencepiece BPE with byte fallback, exact round trips, special tokens, chat template | ✅ |
 # | [08_loader](nbs/08_loader.ipynb) | `data.loader` | token store, packing with segment ids, mixture sampling, sharded and resumable batches | ✅ |
 # | [13_sharding](nbs/13_sharding.ipynb) | `sharding` | mesh, logical-to-mesh rules, FSDP, ring / all-gather sequence-parallel attention, zigzag balancing | ✅ |
@@ -122,7 +125,8 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |
 # | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math and sandboxed unit-test rewards (`xgen-small rl`) | ✅ |
 # | [45_full_scale](nbs/45_full_scale.ipynb) | `scale` | reproducing xGen-small at full scale: FLOPs and hours per stage on TPU v5p slices from closed-form counts, meshes, pod commands | ✅ |
-# | 40 pipeline | | the whole run as one command with a report (the docs site and the benchmark report are done: see Developing, `benchmarks/README.md`) | issue 9 |
+# | [40_pipeline](nbs/40_pipeline.ipynb) | `pipeline` | the whole run as one command: stage fingerprints and markers, resumption, refusing a changed config, the report with plots and exported model, the TPU commands (`xgen-small run`) | ✅ |
+# | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command: `run`, `demo`, `presets`, `curate`, `pretrain`, `extend`, `eval`, `sft`, `dpo`, `rl` | ✅ |
 #
 # ## What the report says and what we chose
 #

@@ -23,3 +23,41 @@ def test_bad_override_is_a_clear_error():
 def test_presets_lists_parameter_counts():
     r = _run('presets')
     assert r.returncode == 0 and 'xgen_9b' in r.stdout and '8,925,777,920' in r.stdout
+
+
+def test_run_dry_run_prints_the_plan():
+    r = _run('run', '--preset', 'xgen_4b', '--dry-run')
+    assert r.returncode == 0, r.stderr
+    assert '| pretrain | 1,907,348 |' in r.stdout and 'extend/overlength' in r.stdout and 'mesh on' in r.stdout
+
+
+def test_run_stops_resumes_and_refuses_another_config(tmp_path):
+    out = str(tmp_path / 'run')
+    quick = ['--set', 'quality_model=none', '--out', out, '--no-progress']
+    r = _run('run', *quick, '--stop-after', 'tokenizer')
+    assert r.returncode == 0, r.stderr
+    assert '[2/9] tokenizer: finished' in r.stdout and 'pretrain' not in r.stdout
+    r = _run('run', *quick, '--status')
+    assert r.returncode == 0 and '    curate: done' in r.stdout and '  pretrain: todo' in r.stdout
+    r = _run('run', *quick, '--stop-after', 'tokenizer')                    # nothing left to do up to there
+    assert r.returncode == 0 and r.stdout.count('skipped') == 2
+    r = _run('run', *quick, '--set', 'vocab_size=2048', '--set', 'pretrain.model.vocab_size=2048', '--stop-after', 'tokenizer')
+    assert r.returncode == 2 and "different configuration of stage 'tokenizer'" in r.stderr and '--redo tokenizer' in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_run_bad_input_is_a_clear_error(tmp_path, capsys):
+    from xgen_small.cli import main                  # in-process: these fail before any work, so skip the start-up cost
+    def err(*args):
+        assert main(['run', '--out', str(tmp_path / 'x'), *args]) == 2
+        e = capsys.readouterr().err
+        assert 'Traceback' not in e
+        return e
+    assert "no config field 'rl.stepz'" in err('--set', 'rl.stepz=3')
+    assert 'must equal vocab_size' in err('--set', 'vocab_size=1000')
+    assert 'not found' in err('--inputs', str(tmp_path / 'missing.jsonl'))
+    bad = tmp_path / 'cfg.json'; bad.write_text('{"pretrain": ')
+    assert 'not valid JSON' in err('--config', str(bad))
+    assert "unknown stage 'ship'" in err('--stop-after', 'ship')
+    assert "give a JSON object" in err('--set', 'sft_shares=math')
+    assert not (tmp_path / 'x').exists()             # nothing was written

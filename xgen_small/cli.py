@@ -75,6 +75,20 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--top-p', type=float, default=1.0)
     d.add_argument('--seed', type=int, default=0)
     sub.add_parser('presets', help='list the model presets and their parameter counts')
+    r = sub.add_parser('run', help='the whole pipeline: curate, tokenizer, pre-train, extend, SFT, DPO, RL, evaluate, report '
+                       '(notebook 40); resumes the run in --out')
+    r.add_argument('--preset', default='cpu', choices=('cpu', 'xgen_4b', 'xgen_9b'), help='pipeline preset (default: cpu, the tiny model)')
+    r.add_argument('--config', default=None, help='PipelineConfig JSON file (instead of --preset; a run writes its own as pipeline.json)')
+    r.add_argument('--set', dest='overrides', action='append', default=[], metavar='FIELD=VALUE',
+                   help='override a field, e.g. pretrain.batch_size=16, rl.steps=40, eval.lengths=512,1024')
+    r.add_argument('--inputs', nargs='+', default=None, metavar='JSONL', help='shards to curate (default: the embedded sample corpus)')
+    r.add_argument('--out', default='runs/xgen_small', help='run directory (default: runs/xgen_small); an existing run is resumed')
+    r.add_argument('--steps-scale', type=float, default=1.0, help="multiply every training stage's steps (quick runs)")
+    r.add_argument('--stop-after', default=None, metavar='STAGE', help='stop after this stage')
+    r.add_argument('--redo', default=None, metavar='STAGE', help='discard this stage and every later one, then run them again')
+    r.add_argument('--status', action='store_true', help="print each stage's state and exit")
+    r.add_argument('--dry-run', action='store_true', help='print the training plan and the mesh on this host, and exit')
+    r.add_argument('--no-progress', action='store_true')
     c = sub.add_parser('curate', help='filter, score, deduplicate and mix JSONL(.gz) shards; writes kept documents and a ledger')
     c.add_argument('inputs', nargs='+', metavar='IN', help='JSONL or JSONL.gz shards (one JSON object per line)')
     c.add_argument('--out', required=True, help='output directory')
@@ -193,6 +207,31 @@ def _read_docs(paths) -> list[dict]:
         docs.append(dict(text=r['text'], domain=r.get('domain', 'web')))
     return docs
 
+def _run_cmd(args) -> None:
+    "`run`: build the pipeline config, then print its plan or status, or run it."
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+    from xgen_small.pipeline import Pipeline, PipelineConfig, pipeline_config, plan, scale_steps
+    from xgen_small.sharding import init_distributed
+    init_distributed()
+    if args.config:
+        try: d = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e: raise ConfigError(f"{args.config}: not valid JSON ({e})") from None
+        cfg = scale_steps(PipelineConfig.from_dict(d), args.steps_scale)
+    else: cfg = pipeline_config(args.preset, steps_scale=args.steps_scale)
+    if args.inputs: cfg = replace(cfg, inputs=tuple(str(Path(p).absolute()) for p in args.inputs))
+    cfg = cfg.with_overrides(args.overrides)
+    p = Pipeline(cfg, args.out, progress=not args.no_progress)
+    if args.dry_run: print(plan(cfg)); return
+    if args.status:
+        for stage, state in p.status().items(): print(f'{stage:>10}: {state}')
+        return
+    t0 = time.perf_counter()
+    sums = p.run(stop_after=args.stop_after, redo=args.redo)
+    print(f'pipeline: {len(sums)} stages in {time.perf_counter() - t0:.0f}s; run in {args.out}'
+          + (f"; report in {Path(args.out) / 'report' / 'summary.md'}" if 'report' in sums else ''))
+
 def _extend_cmd(args) -> None:
     import json
     from pathlib import Path
@@ -274,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f'xgen-small pretrain: {e}', file=sys.stderr); return 3
             if r.history: print(f"trained to step {r.history[-1]['step']}: loss {r.history[-1]['loss']:.4f}; run in {args.out}")
             else: print(f'nothing to do: the run in {args.out} is already at its last step')
+        elif args.command == 'run':
+            from xgen_small.train import TrainingDiverged
+            try: _run_cmd(args)
+            except TrainingDiverged as e:
+                print(f'xgen-small run: {e}', file=sys.stderr); return 3
         elif args.command == 'extend': _extend_cmd(args)
         elif args.command == 'eval': _eval_cmd(args)
         elif args.command in ('sft', 'dpo', 'rl'):
@@ -281,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             try: _post_cmd(args)
             except TrainingDiverged as e:
                 print(f'xgen-small {args.command}: {e}', file=sys.stderr); return 3
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:          # PipelineError is a ValueError
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2
     return 0
