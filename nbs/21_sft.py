@@ -573,6 +573,13 @@ print('held-out conversations also in the training set:',
 cfg = SFTConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10)
 work = Path(tempfile.mkdtemp())
 start = random_params(mcfg)
+
+# %% [markdown]
+# The 100-step run and the tables and checks built on it are `#| slow` cells, shown with a CPU run's outputs; CI
+# runs the short resumption check further down, and the whole chain in notebook 40's pipeline.
+
+# %%
+#| slow
 t0 = time.perf_counter()
 res = sft(start, mcfg, tok, train_set, cfg, work / 'sft', progress=False)
 print(f"{cfg.steps} steps in {time.perf_counter() - t0:.0f}s; loss {res.history[0]['loss']:.2f} -> {res.history[-1]['loss']:.2f}")
@@ -583,6 +590,7 @@ print(f"{cfg.steps} steps in {time.perf_counter() - t0:.0f}s; loss {res.history[
 # and word-sorting answers cannot all be memorised, while the safety replies can.
 
 # %%
+#| slow
 from IPython.display import Markdown
 questions = [c['messages'][-2]['content'] for c in held_out[:6]]
 from xgen_small.model import model_with_params
@@ -591,6 +599,7 @@ Markdown('| question | before SFT | after SFT |\n|---|---|---|\n' + '\n'.join(
     f"| {q} | {x[:60]!r} | {y!r} |".replace('\n', ' ') for q, x, y in zip(questions, b, a)))
 
 # %%
+#| slow
 acc_before, acc_after = reply_accuracy(model_with_params(mcfg, start), tok, held_out), reply_accuracy(res.model(), tok, held_out)
 Markdown('| domain | right before | after |\n|---|---:|---:|\n' + '\n'.join(
     f"| {d} | {acc_before[d]:.0%} | {acc_after[d]:.0%} |" for d in acc_after))
@@ -602,6 +611,7 @@ Markdown('| domain | right before | after |\n|---|---:|---:|\n' + '\n'.join(
 # fine-tune on math alone for 120 steps before preference learning and RL take over.
 
 # %%
+#| slow
 import matplotlib.pyplot as plt
 fig, ax = plt.subplots(1, 2, figsize=(9, 2.8))
 ax[0].plot([h['loss'] for h in res.history]); ax[0].set(xlabel='step', ylabel='loss on assistant tokens', yscale='log')
@@ -609,6 +619,7 @@ ax[1].plot([h['lr'] for h in res.history]); ax[1].set(xlabel='step', ylabel='lea
 plt.tight_layout()
 
 # %%
+#| slow
 test_eq(acc_before['all'], 0.0)
 assert acc_after['all'] >= 0.5, acc_after
 assert res.history[-1]['loss'] < 0.25 * res.history[0]['loss']
@@ -620,10 +631,10 @@ test_close(res.history[0]['lr'], 0.0, eps=1e-12); test_close(max(h['lr'] for h i
 
 # %%
 from xgen_small.evaluate import load_run
-loaded, saved = load_run(work / 'sft')
-test_eq(saved['stage'], 'sft'); test_eq(saved['sft']['steps'], cfg.steps)
 small = SFTConfig(steps=6, batch_size=8, seq_len=128, warmup_steps=2, save_every=2)
 full = sft(start, mcfg, tok, train_set[:100], small, work / 'full', progress=False)
+loaded, saved = load_run(work / 'full')
+test_eq(saved['stage'], 'sft'); test_eq(saved['sft']['steps'], small.steps)
 sft(start, mcfg, tok, train_set[:100], small, work / 'cut', progress=False, stop_at=3)
 resumed = sft(start, mcfg, tok, train_set[:100], small, work / 'cut', progress=False)
 test_eq(len(resumed.history), 3)

@@ -43,14 +43,14 @@ shapes = st.tuples(st.integers(1, 2), st.integers(1, 100), st.sampled_from([(1, 
 layouts = st.sampled_from(['one', 'packed', 'interleaved'])
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=shapes, bq=st.integers(1, 64), bk=st.integers(1, 64), layout=layouts, causal=st.booleans(), seed=st.integers(0, 99))
 def test_blockwise_matches_reference(shape, bq, bk, layout, causal, seed):
     B, T, (H, K), D = shape
     _compare(partial(attention_blockwise, block_sizes=BlockSizes(bq, bk)), *_inputs(seed, B, T, H, K, D, layout), causal, 2e-5)
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=shapes, bq=st.sampled_from([16, 32, 64]), bk=st.sampled_from([16, 32, 64]), bwd=st.sampled_from([None, 16]),
        layout=layouts, causal=st.booleans(), seed=st.integers(0, 99))
 def test_flash_matches_reference(shape, bq, bk, bwd, layout, causal, seed):
