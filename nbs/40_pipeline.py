@@ -556,10 +556,11 @@ class Pipeline:
         from xgen_small.data.loader import build_token_store
         from xgen_small.train import train
         d, cfg = self.dir('pretrain'), self.cfg.pretrain
-        if self.lead and not (d / 'data' / 'meta.json').exists():
-            kept = sorted((self.dir('curate') / 'kept').glob('*.jsonl.gz'))
-            build_token_store(kept, self.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
-        if self.lead: (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
+        if self.lead:
+            if not (d / 'data' / 'meta.json').exists():
+                kept = sorted((self.dir('curate') / 'kept').glob('*.jsonl.gz'))
+                build_token_store(kept, self.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
+            (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
         _sync('pretrain-store')
         train(cfg, d / 'data', d, progress=self.progress)
         h = _read_history(d)
