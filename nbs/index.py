@@ -119,7 +119,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [14_schedules](nbs/14_schedules.ipynb) | `schedules` | multi-phase warmup / stable / cosine / linear / WSD schedules tied to mixture phases | ✅ |
 # | [15_train](nbs/15_train.ipynb) | `train` | sharded train step, AdamW, z-loss, accumulation, MFU, orbax checkpoints, exact resume (`xgen-small pretrain`) | ✅ |
 # | [19_ruler](nbs/19_ruler.ipynb) | `ruler` | RULER-style tasks (needles single/multi-key/multi-value/multi-query, variable tracking, common/frequent words) at exact token lengths, exact-match scoring | ✅ |
-# | [20_long_context](nbs/20_long_context.ipynb) | `extend` | why the RoPE base grows, stage recipes (32K/128K/256K; 1K/2K/4K on CPU), long-document mixture, sequence-parallel extension (`xgen-small extend`) | ✅ machinery; passkey demo target open (issue 7) |
+# | [20_long_context](nbs/20_long_context.ipynb) | `extend` | why the RoPE base grows, stage recipes (32K/128K/256K; 1K/2K/4K on CPU), long-document mixture, sequence-parallel extension (`xgen-small extend`) | ✅ machinery; passkey collapse shown, extension lifts 2K from 4% to 29%; 90% target open (issue 7) |
 # | [30_eval](nbs/30_eval.ipynb) | `evaluate` | loading runs, perplexity by position, RULER task x length tables and heatmaps (`xgen-small eval`) | ✅ |
 # | [21_sft](nbs/21_sft.ipynb) | `sft` | a generated instruction set over math/code/safety/general, chat packing with segment ids, assistant-only loss, the shared post-training loop (`xgen-small sft`) | ✅ |
 # | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |

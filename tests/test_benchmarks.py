@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
 
 
@@ -50,3 +52,12 @@ def test_tokenizer_benchmark_quick():
     ours = [r for r in rows if r['system'].startswith('ours')]
     assert len(ours) == 2 and all(r['same_ids'] == 1.0 and r['round_trip'] == 1.0 for r in ours)   # the wrapper changes no ids
     assert all(r['mb_s'] > 0 for r in rows)
+
+
+def test_retrieval_probe_quick(tmp_path):
+    mod = _load('retrieval_probe')
+    out = mod.main(['--quick', '--data', 'recall', '--seq', '128', '--rows', '4', '--save', str(tmp_path / 'p')])
+    assert [r['step'] for r in out['log']] == [2, 4] and all(np.isfinite(r['loss']) and 0 <= r['answer_acc'] <= 1 for r in out['log'])
+    assert set(out['passkey']) == {256, 512, 1024}
+    again = mod.main(['--quick', '--data', 'niah', '--rows', '2', '--init', str(tmp_path / 'p')])   # parameters round-trip
+    assert len(again['log']) == 2
