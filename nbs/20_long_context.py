@@ -504,8 +504,10 @@ def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: T
 # loop of notebook 15 and a token store of the same documents, recall reaches 78% (500 steps, weight decay 0.1),
 # 91% (800 steps) and 94% (1,200 steps), yet `niah_single` training from those models stays low (6% after 150
 # steps and 19% after 450 at 256 tokens; 8% after 300), whereas from the probe's bootstrap the *same* `train` call
-# reaches 100% at 256 and 94% at 512 in 300 steps. Documents, packing (segment ids, positions from 0 per
-# document), optimizer settings and initialisation were checked to match; the difference is not found yet.
+# reaches 100% at 256 and 94% at 512 in 300 steps. Documents (token by token), packing (segment ids, positions
+# from 0 per document), optimizer settings and the initialisation scheme were compared and match; only the random
+# draws differ, and the probe's bootstrap transferred with both seeds tried while `train`'s failed in all three
+# runs. The cause is not found yet.
 #
 # **The pre-trained model, from the probe's bootstrap** (`benchmarks/long_context_demo.py --bootstrap`: 300
 # steps of `niah_single` at 256, then 150 steps at 512 of 70% needle documents and 30% natural text):
