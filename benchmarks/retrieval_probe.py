@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
             print(f"step {s:>5}  loss {float(loss):.3f}  answer loss {float(ans_loss):.3f}  answer accuracy {float(ans_acc):.2f}  "
                   f"({time.time() - t0:.0f}s)", flush=True)
     rows = evaluate_ruler(model, tok, ('niah_single',), (256, 512, 1024), n=a.n, cfg=ruler.RulerConfig(digits=5))
-    out = dict(args={k: v for k, v in vars(a).items()}, log=log, passkey={r['length']: r['exact'] for r in rows},
+    out = dict(args=dict(vars(a)), log=log, passkey={r['length']: r['exact'] for r in rows},
                seconds=round(time.time() - t0))
     print(json.dumps({k: out[k] for k in ('passkey', 'seconds')}), flush=True)
     if a.save:
