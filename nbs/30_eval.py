@@ -144,7 +144,10 @@ def perplexity_by_position(model: Decoder, store: TokenStore, seq_len: int, *, r
 #
 # `evaluate_ruler` generates the suite (deterministic for a seed), decodes greedily with the KV-cache generator in
 # batches of equal-length prompts, and scores each answer. The result is a list of rows, one per task and length;
-# `ruler_table` prints them as a Markdown table and `ruler_heatmap` draws them.
+# `ruler_table` prints them as a Markdown table and `ruler_heatmap` draws them. With `keep_outputs=True` each row
+# also keeps every sample's output, score and needle depths, and `ruler_by_depth` / `depth_table` split the score
+# by where the needle sat: the classic needle-in-a-haystack view, which tells a model that cannot retrieve at all
+# from one that retrieves only what is close to the question.
 
 # %%
 #| export
@@ -166,7 +169,8 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]
             row = dict(task=task, length=L, n=n, exact=float(np.mean([s['exact'] for s in scores])),
                        recall=float(np.mean([s['recall'] for s in scores])))
-            if keep_outputs: row['outputs'] = [dict(answers=list(s.answers), output=t) for s, t in zip(samples, texts_out)]
+            if keep_outputs: row['outputs'] = [dict(answers=list(s.answers), output=t, exact=sc['exact'], depths=list(s.depths))
+                                               for s, t, sc in zip(samples, texts_out, scores)]
             rows.append(row)
     return rows
 
@@ -179,6 +183,31 @@ def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task') ->
     for t in tasks: lines.append(f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |')
     if len(tasks) > 1:
         lines.append('| **mean** | ' + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths) + ' |')
+    return '\n'.join(lines)
+
+def ruler_by_depth(rows: list[dict], bins: int = 4) -> list[dict]:
+    """Exact match by needle depth, from rows of `evaluate_ruler(..., keep_outputs=True)`: each row's samples split
+    into `bins` equal ranges of the depth of their earliest needle (0 = the start of the prompt, the farthest from the
+    question). Tasks without needles (`cwe`, `fwe`) have no depth and are left out."""
+    out = []
+    for r in rows:
+        if 'outputs' not in r: raise ValueError("ruler_by_depth needs rows from evaluate_ruler(..., keep_outputs=True)")
+        placed = [(min(o['depths']), o['exact']) for o in r['outputs'] if o['depths']]
+        for b in range(bins):
+            got = [e for d, e in placed if min(int(d * bins), bins - 1) == b]
+            out.append(dict(task=r['task'], length=r['length'], depth=(b / bins, (b + 1) / bins), n=len(got),
+                            exact=float(np.mean(got)) if got else float('nan')))
+    return out
+
+def depth_table(depth_rows: list[dict], title: str = 'needle depth') -> str:
+    "A Markdown table of `ruler_by_depth` rows: task and length down, depth ranges across, exact match % (samples)."
+    keys = list(dict.fromkeys((r['task'], r['length']) for r in depth_rows))
+    bins = list(dict.fromkeys(r['depth'] for r in depth_rows))
+    cell = {(r['task'], r['length'], r['depth']): r for r in depth_rows}
+    lines = [f'| {title} | ' + ' | '.join(f'{100 * lo:.0f}-{100 * hi:.0f}%' for lo, hi in bins) + ' |', '|---|' + '---:|' * len(bins)]
+    for t, L in keys:
+        cs = [cell[t, L, b] for b in bins]
+        lines.append(f'| {t} @ {L} | ' + ' | '.join(f"{100 * c['exact']:.0f} ({c['n']})" if c['n'] else '' for c in cs) + ' |')
     return '\n'.join(lines)
 
 def ruler_heatmap(rows: list[dict], metric: str = 'exact', ax=None, title: str = 'RULER exact match (%)'):
@@ -259,6 +288,15 @@ test_eq(evaluate_ruler(model, tok, ('niah_single',), (256,), n=4, cfg=ruler.Rule
 table = ruler_table([dict(task='a', length=1024, exact=1.0, recall=1.0), dict(task='b', length=1024, exact=0.5, recall=0.75)])
 assert '| a | 100 |' in table and '| **mean** | 75 |' in table, table
 test_fail(lambda: evaluate_ruler(model, tok, ('niah_single',), (4096,)), contains='max_seq_len')
+kept = evaluate_ruler(model, tok, ('niah_single', 'vt'), (256,), n=4, cfg=ruler.RulerConfig(digits=5), keep_outputs=True)
+by_depth = ruler_by_depth(kept)
+test_eq([sum(r['n'] for r in by_depth if r['task'] == t) for t in ('niah_single', 'vt')], [4, 4])   # each sample in one bin
+test_eq(kept[0]['exact'], np.mean([o['exact'] for o in kept[0]['outputs']]))
+fake = [dict(task='t', length=1024, outputs=[dict(depths=[d], exact=e) for d, e in ((0.1, 0.0), (0.2, 0.0), (0.6, 1.0), (1.0, 1.0))]
+                                            + [dict(depths=[], exact=1.0)])]                   # a sample without needles
+test_eq([(r['n'], r['exact']) for r in ruler_by_depth(fake, bins=2)], [(2, 0.0), (2, 1.0)])  # depth 1.0 falls in the last bin
+assert '| t @ 1024 | 0 (2) | 100 (2) |' in depth_table(ruler_by_depth(fake, bins=2))
+test_fail(lambda: ruler_by_depth(rows), contains='keep_outputs')
 test_fail(lambda: perplexity_by_position(model, store, 1000, buckets=3), contains='buckets')
 test_fail(lambda: load_run(tmp / 'nowhere'), contains='no checkpoints')
 longer = with_max_seq_len(model, 2048)

@@ -22,7 +22,8 @@ from .model import Decoder, abstract_model, model_with_params
 from .tokenizer import Tokenizer
 
 # %% auto #0
-__all__ = ['load_run', 'with_max_seq_len', 'perplexity_by_position', 'evaluate_ruler', 'ruler_table', 'ruler_heatmap']
+__all__ = ['load_run', 'with_max_seq_len', 'perplexity_by_position', 'evaluate_ruler', 'ruler_table', 'ruler_by_depth',
+           'depth_table', 'ruler_heatmap']
 
 # %% ../nbs/30_eval.ipynb #d67e8635
 def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
@@ -98,7 +99,8 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]
             row = dict(task=task, length=L, n=n, exact=float(np.mean([s['exact'] for s in scores])),
                        recall=float(np.mean([s['recall'] for s in scores])))
-            if keep_outputs: row['outputs'] = [dict(answers=list(s.answers), output=t) for s, t in zip(samples, texts_out)]
+            if keep_outputs: row['outputs'] = [dict(answers=list(s.answers), output=t, exact=sc['exact'], depths=list(s.depths))
+                                               for s, t, sc in zip(samples, texts_out, scores)]
             rows.append(row)
     return rows
 
@@ -111,6 +113,31 @@ def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task') ->
     for t in tasks: lines.append(f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |')
     if len(tasks) > 1:
         lines.append('| **mean** | ' + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths) + ' |')
+    return '\n'.join(lines)
+
+def ruler_by_depth(rows: list[dict], bins: int = 4) -> list[dict]:
+    """Exact match by needle depth, from rows of `evaluate_ruler(..., keep_outputs=True)`: each row's samples split
+    into `bins` equal ranges of the depth of their earliest needle (0 = the start of the prompt, the farthest from the
+    question). Tasks without needles (`cwe`, `fwe`) have no depth and are left out."""
+    out = []
+    for r in rows:
+        if 'outputs' not in r: raise ValueError("ruler_by_depth needs rows from evaluate_ruler(..., keep_outputs=True)")
+        placed = [(min(o['depths']), o['exact']) for o in r['outputs'] if o['depths']]
+        for b in range(bins):
+            got = [e for d, e in placed if min(int(d * bins), bins - 1) == b]
+            out.append(dict(task=r['task'], length=r['length'], depth=(b / bins, (b + 1) / bins), n=len(got),
+                            exact=float(np.mean(got)) if got else float('nan')))
+    return out
+
+def depth_table(depth_rows: list[dict], title: str = 'needle depth') -> str:
+    "A Markdown table of `ruler_by_depth` rows: task and length down, depth ranges across, exact match % (samples)."
+    keys = list(dict.fromkeys((r['task'], r['length']) for r in depth_rows))
+    bins = list(dict.fromkeys(r['depth'] for r in depth_rows))
+    cell = {(r['task'], r['length'], r['depth']): r for r in depth_rows}
+    lines = [f'| {title} | ' + ' | '.join(f'{100 * lo:.0f}-{100 * hi:.0f}%' for lo, hi in bins) + ' |', '|---|' + '---:|' * len(bins)]
+    for t, L in keys:
+        cs = [cell[t, L, b] for b in bins]
+        lines.append(f'| {t} @ {L} | ' + ' | '.join(f"{100 * c['exact']:.0f} ({c['n']})" if c['n'] else '' for c in cs) + ' |')
     return '\n'.join(lines)
 
 def ruler_heatmap(rows: list[dict], metric: str = 'exact', ax=None, title: str = 'RULER exact match (%)'):
