@@ -29,6 +29,7 @@ from xgen_small import ruler
 from xgen_small.config import get_preset
 from xgen_small.data.sample import load_sample
 from xgen_small.evaluate import evaluate_ruler
+from xgen_small.extend import recall_prompt
 from xgen_small.model import Decoder, model_with_params
 from xgen_small.tokenizer import Tokenizer, train_tokenizer
 
@@ -40,8 +41,7 @@ def make_doc(kind: str, tok: Tokenizer, rng, i: int, seq: int, minlen: int, alph
         ans = tok.encode(ruler.answer_text(s))
         return s.input_ids + ans, [0] * len(s.input_ids) + [1] * len(ans)
     if kind == 'recall':
-        key, value = str(rng.choice(ruler.KEY_WORDS)), ruler._value(rng, 5)
-        p = tok.encode(f' {key}: {value}.') + ruler.noise_tokens(tok, int(rng.integers(0, 25))) + tok.encode(f' {key}:')
+        p, value = recall_prompt(tok, rng)
         v = tok.encode(f' {value}.')
         return p + v, [0] * len(p) + [1] * len(v)
     if kind == 'copy':
