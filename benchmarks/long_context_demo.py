@@ -113,7 +113,7 @@ def main(argv=None):
             lr = a.ext_lr or st.peak_lr
             mix = st.mixture if a.ext_retrieval is None else (
                 ('long_natural', (1 - a.ext_retrieval) / 2), ('concatenated', (1 - a.ext_retrieval) / 2), ('retrieval', a.ext_retrieval))
-            return replace(st, peak_lr=lr, final_lr=lr / 10, mixture=mix)
+            return replace(st, peak_lr=lr, final_lr=st.final_lr * lr / st.peak_lr, mixture=mix)   # keep the preset's decay ratio
         recipe = replace(recipe, stages=tuple(stage(st) for st in recipe.stages))
     ext = extend(recipe, jax.device_get(pre.state['params']), pre_cfg, tok, natural, work / 'ext',
                  progress=False, steps_scale=a.steps_scale * a.ext_steps_scale)
