@@ -72,7 +72,9 @@ from xgen_small.tokenizer import Tokenizer
 # Keys are everyday nouns (as in RULER, whose keys are random words), values are random digit strings, and the
 # haystack is either the classic passkey "noise" (Mohtashami & Jaggi, 2023: grass, sky, sun, repeated) or real text
 # (RULER uses Paul Graham essays; we take any list of documents, e.g. the shipped sample corpus). Needles go in at
-# sentence boundaries of the haystack, at depths spread uniformly at random.
+# sentence boundaries of the haystack, at depths spread uniformly at random. `RulerConfig.depth` narrows that
+# window, for the classic needle-in-a-haystack sweep of depth against length (Kamradt, 2023): `depth=(0, 0.1)`
+# puts every needle in the first tenth of the haystack, the farthest from the question.
 
 # %%
 #| export
@@ -105,6 +107,7 @@ class RulerConfig:
     fwe_alpha: float = 2.0       # fwe: Zipf exponent
     fwe_top: int = 3             # fwe: how many frequent words to return
     haystack: str = 'noise'      # 'noise' or 'text' (documents passed to `make_sample`)
+    depth: tuple = (0.0, 1.0)    # where needles may sit, as fractions of the haystack (0 = its start, farthest from the question)
 
     def __post_init__(self):
         for n in ('digits', 'n_distractors', 'n_values', 'n_queries', 'vt_hops', 'cwe_common', 'cwe_common_freq',
@@ -112,6 +115,8 @@ class RulerConfig:
             if getattr(self, n) < 1: raise ValueError(f"RulerConfig.{n} must be positive, got {getattr(self, n)}")
         if self.cwe_common_freq <= self.cwe_rare_freq: raise ValueError("RulerConfig.cwe_common_freq must exceed cwe_rare_freq")
         if self.haystack not in ('noise', 'text'): raise ValueError(f"RulerConfig.haystack must be 'noise' or 'text', got {self.haystack!r}")
+        if len(self.depth) != 2 or not 0 <= self.depth[0] < self.depth[1] <= 1:
+            raise ValueError(f"RulerConfig.depth must be (lo, hi) with 0 <= lo < hi <= 1, got {self.depth!r}")
 
 @dataclass(frozen=True)
 class RulerSample:
@@ -169,9 +174,15 @@ def noise_tokens(tok: Tokenizer, n: int) -> list:
     ids = _noise_haystack(tok).ids
     return (ids * (n // len(ids) + 1))[:n]
 
-def _splice(filler: list, ends: np.ndarray, needles: list[list], rng) -> tuple[list, list]:
-    "Insert each needle at a random sentence boundary of `filler` (in order); returns the ids and each needle's start."
-    cuts = np.sort(rng.choice(np.concatenate([[0], ends]), size=len(needles), replace=True))
+def _splice(filler: list, ends: np.ndarray, needles: list[list], rng, depth=(0.0, 1.0)) -> tuple[list, list]:
+    """Insert each needle at a random sentence boundary of `filler` (in order) between fractions `depth` of it
+    (the nearest boundary when that window holds none); returns the ids and each needle's start."""
+    cand = np.concatenate([[0], ends])
+    if tuple(depth) != (0.0, 1.0):
+        lo, hi = depth[0] * len(filler), depth[1] * len(filler)
+        inside = cand[(cand >= lo) & (cand <= hi)]
+        cand = inside if len(inside) else cand[[int(np.argmin(np.abs(cand - (lo + hi) / 2)))]]
+    cuts = np.sort(rng.choice(cand, size=len(needles), replace=True))
     out, starts, prev = [], [], 0
     for c, nd in zip(cuts, needles):
         out += filler[prev:c]; starts.append(len(out)); out += nd; prev = int(c)
@@ -318,7 +329,7 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
         if n_fill < 0:
             raise ValueError(f"{task}: length {length} is too short; this task needs at least {length - n_fill} tokens")
         filler, ends = hay.take(n_fill, rng)
-        body, starts = _splice(filler, ends, needles, rng)
+        body, starts = _splice(filler, ends, needles, rng, cfg.depth)
         ids = intro + body + q_ids
         depths = tuple(round((len(intro) + s) / len(ids), 4) for s in starts)
     if len(ids) != length - budget_answer: raise AssertionError(f"{task}: built {len(ids)} tokens, wanted {length - budget_answer}")
@@ -382,6 +393,16 @@ print(tok.decode(make_sample(tok, 'vt', 1024, seed=1).input_ids)[-400:])
 print(tok.decode(make_sample(tok, 'cwe', 1024, seed=1).input_ids)[:300], '...')
 
 # %% [markdown]
+# The same task with its needles confined by `RulerConfig.depth`. The window is in haystack tokens, while `depths`
+# are fractions of the whole prompt, which also holds the instruction and the earlier needles, so they drift a
+# little outside it:
+
+# %%
+for window in ((0.0, 0.1), (0.45, 0.55), (0.9, 1.0)):
+    ds = [make_sample(tok, 'niah_multikey', 2048, seed=i, cfg=RulerConfig(depth=window)).depths for i in range(3)]
+    print(f'depth window {window}: needle depths {ds}')
+
+# %% [markdown]
 # The haystack can be real text instead of noise; here the sample corpus, as RULER uses essays:
 
 # %%
@@ -414,6 +435,12 @@ for t in TASKS:
 # needles are spread over the whole context across seeds
 d = [make_sample(tok, 'niah_single', 1024, seed=i).depths[0] for i in range(40)]
 assert min(d) < 0.2 and max(d) > 0.8, d
+# `RulerConfig.depth` confines them (here to the first quarter of the haystack); the default draws match the unconfined ones
+far = RulerConfig(depth=(0.0, 0.25))
+d = [make_sample(tok, t, 2048, seed=i, cfg=far).depths for t in ('niah_single', 'niah_multikey', 'vt') for i in range(10)]
+assert all(x < 0.3 for ds in d for x in ds), d
+test_eq(make_sample(tok, 'niah_single', 1024, seed=3, cfg=RulerConfig(depth=(0.0, 1.0))), make_sample(tok, 'niah_single', 1024, seed=3))
+test_fail(lambda: RulerConfig(depth=(0.5, 0.5)), contains='RulerConfig.depth')
 # multi-key: distractors present, only the asked key's value is the answer
 s = make_sample(tok, 'niah_multikey', 1024, seed=5)
 test_eq(len(s.answers), 1); test_eq(tok.decode(s.input_ids).count('The special magic number for'), 4 + 1)

@@ -174,14 +174,14 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
             rows.append(row)
     return rows
 
-def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task') -> str:
-    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last."
+def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task', mean: bool = True) -> str:
+    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if `mean`)."
     tasks = list(dict.fromkeys(r['task'] for r in rows)); lengths = sorted({r['length'] for r in rows})
     cell = {(r['task'], r['length']): r[metric] for r in rows}
     fmt = lambda L: f'{L // 1024}K' if L % 1024 == 0 else str(L)
     lines = [f'| {title} | ' + ' | '.join(fmt(L) for L in lengths) + ' |', '|---|' + '---:|' * len(lengths)]
     for t in tasks: lines.append(f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |')
-    if len(tasks) > 1:
+    if mean and len(tasks) > 1:
         lines.append('| **mean** | ' + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths) + ' |')
     return '\n'.join(lines)
 
@@ -287,6 +287,7 @@ test_eq(evaluate_ruler(model, tok, ('niah_single',), (256,), n=4, cfg=ruler.Rule
 # a model that echoes the answer scores 100: the scorer and the generator agree on what an answer is
 table = ruler_table([dict(task='a', length=1024, exact=1.0, recall=1.0), dict(task='b', length=1024, exact=0.5, recall=0.75)])
 assert '| a | 100 |' in table and '| **mean** | 75 |' in table, table
+assert '**mean**' not in ruler_table([dict(task='a', length=1024, exact=1.0), dict(task='b', length=1024, exact=0.5)], mean=False)
 test_fail(lambda: evaluate_ruler(model, tok, ('niah_single',), (4096,)), contains='max_seq_len')
 kept = evaluate_ruler(model, tok, ('niah_single', 'vt'), (256,), n=4, cfg=ruler.RulerConfig(digits=5), keep_outputs=True)
 by_depth = ruler_by_depth(kept)

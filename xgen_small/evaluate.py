@@ -104,14 +104,14 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
             rows.append(row)
     return rows
 
-def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task') -> str:
-    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last."
+def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task', mean: bool = True) -> str:
+    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if `mean`)."
     tasks = list(dict.fromkeys(r['task'] for r in rows)); lengths = sorted({r['length'] for r in rows})
     cell = {(r['task'], r['length']): r[metric] for r in rows}
     fmt = lambda L: f'{L // 1024}K' if L % 1024 == 0 else str(L)
     lines = [f'| {title} | ' + ' | '.join(fmt(L) for L in lengths) + ' |', '|---|' + '---:|' * len(lengths)]
     for t in tasks: lines.append(f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |')
-    if len(tasks) > 1:
+    if mean and len(tasks) > 1:
         lines.append('| **mean** | ' + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths) + ' |')
     return '\n'.join(lines)
 

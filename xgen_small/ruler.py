@@ -46,6 +46,7 @@ class RulerConfig:
     fwe_alpha: float = 2.0       # fwe: Zipf exponent
     fwe_top: int = 3             # fwe: how many frequent words to return
     haystack: str = 'noise'      # 'noise' or 'text' (documents passed to `make_sample`)
+    depth: tuple = (0.0, 1.0)    # where needles may sit, as fractions of the haystack (0 = its start, farthest from the question)
 
     def __post_init__(self):
         for n in ('digits', 'n_distractors', 'n_values', 'n_queries', 'vt_hops', 'cwe_common', 'cwe_common_freq',
@@ -53,6 +54,8 @@ class RulerConfig:
             if getattr(self, n) < 1: raise ValueError(f"RulerConfig.{n} must be positive, got {getattr(self, n)}")
         if self.cwe_common_freq <= self.cwe_rare_freq: raise ValueError("RulerConfig.cwe_common_freq must exceed cwe_rare_freq")
         if self.haystack not in ('noise', 'text'): raise ValueError(f"RulerConfig.haystack must be 'noise' or 'text', got {self.haystack!r}")
+        if len(self.depth) != 2 or not 0 <= self.depth[0] < self.depth[1] <= 1:
+            raise ValueError(f"RulerConfig.depth must be (lo, hi) with 0 <= lo < hi <= 1, got {self.depth!r}")
 
 @dataclass(frozen=True)
 class RulerSample:
@@ -104,9 +107,15 @@ def noise_tokens(tok: Tokenizer, n: int) -> list:
     ids = _noise_haystack(tok).ids
     return (ids * (n // len(ids) + 1))[:n]
 
-def _splice(filler: list, ends: np.ndarray, needles: list[list], rng) -> tuple[list, list]:
-    "Insert each needle at a random sentence boundary of `filler` (in order); returns the ids and each needle's start."
-    cuts = np.sort(rng.choice(np.concatenate([[0], ends]), size=len(needles), replace=True))
+def _splice(filler: list, ends: np.ndarray, needles: list[list], rng, depth=(0.0, 1.0)) -> tuple[list, list]:
+    """Insert each needle at a random sentence boundary of `filler` (in order) between fractions `depth` of it
+    (the nearest boundary when that window holds none); returns the ids and each needle's start."""
+    cand = np.concatenate([[0], ends])
+    if tuple(depth) != (0.0, 1.0):
+        lo, hi = depth[0] * len(filler), depth[1] * len(filler)
+        inside = cand[(cand >= lo) & (cand <= hi)]
+        cand = inside if len(inside) else cand[[int(np.argmin(np.abs(cand - (lo + hi) / 2)))]]
+    cuts = np.sort(rng.choice(cand, size=len(needles), replace=True))
     out, starts, prev = [], [], 0
     for c, nd in zip(cuts, needles):
         out += filler[prev:c]; starts.append(len(out)); out += nd; prev = int(c)
@@ -238,7 +247,7 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
         if n_fill < 0:
             raise ValueError(f"{task}: length {length} is too short; this task needs at least {length - n_fill} tokens")
         filler, ends = hay.take(n_fill, rng)
-        body, starts = _splice(filler, ends, needles, rng)
+        body, starts = _splice(filler, ends, needles, rng, cfg.depth)
         ids = intro + body + q_ids
         depths = tuple(round((len(intro) + s) / len(ids), 4) for s in starts)
     if len(ids) != length - budget_answer: raise AssertionError(f"{task}: built {len(ids)} tokens, wanted {length - budget_answer}")
