@@ -5,6 +5,7 @@
 
     python benchmarks/retrieval_probe.py --data recall --seq 128 --rows 32 --steps 800 --seed 1 --save /tmp/recall_ckpt
     python benchmarks/long_context_demo.py --bootstrap /tmp/recall_ckpt     # start from the probe's recall circuit
+    python benchmarks/long_context_demo.py --bootstrap /tmp/recall_ckpt --n 48 --ruler 8   # as in notebook 20, plus every RULER task
 
 Recipe: pre-train the tiny model with the training loop of notebook 15 in three phases: a `bootstrap` of short
 key-value recall documents at 128 tokens (lr 3e-3, no weight decay; it forms the copy circuit, and the script
@@ -39,6 +40,8 @@ def main(argv=None):
     ap.add_argument('--ext-rope-rule', choices=('critical', 'ntk'), default=None,
                     help="the rule for the extension stages' RoPE bases (default: the CPU preset's bases, critical-pair)")
     ap.add_argument('--ext-steps-scale', type=float, default=1.0, help="multiply the extension stages' steps (on top of --steps-scale)")
+    ap.add_argument('--ruler', type=int, default=0, metavar='N',
+                    help='also score every RULER task at every length, N prompts each, before and after extension')
     ap.add_argument('--bootstrap', default=None,
                     help='parameters saved by `retrieval_probe.py --data recall --save PATH`: replace the bootstrap phase')
     a = ap.parse_args(argv)
@@ -139,6 +142,11 @@ def main(argv=None):
     print('\n| positions | loss before | loss after |\n|---|---:|---:|')
     for b, c in zip(perplexity_by_position(pre_model, long_store, 4096), perplexity_by_position(ext_model, long_store, 4096)):
         print(f"| {b['start']}-{b['end']} | {b['loss']:.3f} | {c['loss']:.3f} |")
+    if a.ruler:
+        for name, m in (('pre-trained', pre_model), ('extended', ext_model)):
+            print(f'\n{name}, every RULER task ({a.ruler} prompts per cell):')
+            print(ruler_table(evaluate_ruler(m, tok, ruler.TASKS, lengths[1:], n=a.ruler, cfg=rc),   # cwe's list needs > 512 tokens
+                              title='exact match, %'), flush=True)
     got = {r['length']: r['exact'] for r in after}
     print(f"\ntarget: >= 90% at 2048 after extension: {'met' if got[2048] >= 0.9 else 'NOT met'} ({100 * got[2048]:.0f}%)")
 
