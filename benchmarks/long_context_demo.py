@@ -105,8 +105,8 @@ def main(argv=None):
     pre_cfg = replace(boot_cfg, seq_len=512, batch_size=8, schedule=(LRPhase('pretrain', steps(150), 1e-3, min(10, steps(150)), 'cosine', 1e-4),))
     pre = train(pre_cfg, write_store(recs, tok, work / 'pre_data'), work / 'pre', progress=False,
                 init_params=jax.device_get(drill.state['params']))
-    hist = pre.history or [json.loads(l) for l in (work / 'pre' / 'history.jsonl').read_text().splitlines()]   # a resumed, finished run
-    print(f"pre-training: 512-token loss {hist[-1]['loss']:.3f} "
+    last = json.loads((work / 'pre' / 'history.jsonl').read_text().splitlines()[-1])   # also when a finished run was resumed
+    print(f"pre-training: 512-token loss {last['loss']:.3f} "
           f"({time.perf_counter() - t0:.0f}s)", flush=True)
 
     lengths = (512, 1024, 2048, 4096)

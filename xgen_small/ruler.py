@@ -110,11 +110,10 @@ def noise_tokens(tok: Tokenizer, n: int) -> list:
 def _splice(filler: list, ends: np.ndarray, needles: list[list], rng, depth=(0.0, 1.0)) -> tuple[list, list]:
     """Insert each needle at a random sentence boundary of `filler` (in order) between fractions `depth` of it
     (the nearest boundary when that window holds none); returns the ids and each needle's start."""
-    cand = np.concatenate([[0], ends])
-    if tuple(depth) != (0.0, 1.0):
-        lo, hi = depth[0] * len(filler), depth[1] * len(filler)
-        inside = cand[(cand >= lo) & (cand <= hi)]
-        cand = inside if len(inside) else cand[[int(np.argmin(np.abs(cand - (lo + hi) / 2)))]]
+    cand = np.concatenate([[0], ends])                    # every boundary lies in [0, len(filler)]: (0, 1) keeps them all
+    lo, hi = depth[0] * len(filler), depth[1] * len(filler)
+    inside = cand[(cand >= lo) & (cand <= hi)]
+    cand = inside if len(inside) else cand[[int(np.argmin(np.abs(cand - (lo + hi) / 2)))]]
     cuts = np.sort(rng.choice(cand, size=len(needles), replace=True))
     out, starts, prev = [], [], 0
     for c, nd in zip(cuts, needles):
