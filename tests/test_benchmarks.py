@@ -61,3 +61,8 @@ def test_retrieval_probe_quick(tmp_path):
     assert set(out['passkey']) == {256, 512, 1024}
     again = mod.main(['--quick', '--data', 'niah', '--rows', '2', '--init', str(tmp_path / 'p')])   # parameters round-trip
     assert len(again['log']) == 2
+
+
+def test_code_reward_benchmark_quick():
+    rows = _load('code_reward').main(['--quick'])
+    assert {r['sandbox'] for r in rows} == {'bwrap', 'none'} and all(r['right'] and r['rewards_s'] > 0 for r in rows)
