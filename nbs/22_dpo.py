@@ -173,7 +173,9 @@ def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward:
 # %%
 pairs = arithmetic_pairs(3, seed=0)
 for p in pairs: print(p['prompt'][0]['content'], '| chosen:', p['chosen'], '| rejected:', p['rejected'])
-test_eq(len({p['chosen'] for p in arithmetic_pairs(100)} & {p['rejected'] for p in arithmetic_pairs(100)}) < 100, True)
+from xgen_small.sft import math_reward
+many = arithmetic_pairs(100)                               # the chosen answer is right, the rejected one wrong
+test_eq([(math_reward(p['chosen'], str(p['answer'])), math_reward(p['rejected'], str(p['answer']))) for p in many], [(1.0, 0.0)] * 100)
 for p in arithmetic_pairs(50, seed=1):
     assert p['chosen'] != p['rejected'] and p['chosen'].endswith(f"The answer is {p['answer']}.")
 

@@ -154,6 +154,14 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # (`nbdev_readme` and `nbdev_docs` need Quarto, which cannot be installed from PyPI; they stay
 # configured for those who have it, and `tools/nbtool.py readme` does the README without it.)
 #
+# CI's default run leaves out the `#| slow` cells (the long training demos whose learning the notebooks assert) and
+# the benchmarks' full runs. Before resolving an issue that touches what they cover, run the slow suite, which
+# prints one line per part:
+#
+# ```sh
+# python tools/nbtool.py slow      # nbdev_test --flags slow (8 CPU devices), then each benchmark's full run
+# ```
+#
 # The documentation site renders the executed notebooks, outputs and plots included, with mkdocs-material
 # and mkdocs-jupyter, which install from PyPI alone:
 #

@@ -44,7 +44,7 @@ def test_attention_benchmark_quick():
 
 def test_train_benchmark_quick():
     rows = _load('train').main(['--quick'])
-    assert rows and all(r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] < 1.5 for r in rows)
+    assert rows and all(r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] <= 1 for r in rows)   # a fraction of the measured peak
 
 
 def test_tokenizer_benchmark_quick():

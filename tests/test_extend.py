@@ -53,9 +53,12 @@ def test_extend_then_eval(pretrained):
     assert saved['mesh']['fsdp'] == 2                                             # the other 2 devices shard the batch
     assert saved['model']['attention_impl'] == 'seq_ring' and model.cfg.attention_impl == 'auto'
     assert saved['model']['rope_theta'] == pytest.approx(10_000 * 2 ** 2)          # the target stage's critical-pair base, kept
-    # finished stages are skipped on a second run, and give the same model
+    # finished stages are skipped on a second run (no file of theirs is written again), and give the same model
+    written = {f: f.stat().st_mtime_ns for stage in ('stage1', 'overlength') for f in (d / 'ext' / stage).rglob('*') if f.is_file()}
+    assert any('checkpoints' in f.parts for f in written)
     again = _run(*args)
     assert again.returncode == 0, again.stderr
+    assert {f: f.stat().st_mtime_ns for f in written} == written
     m2, _ = load_run(d / 'ext' / 'overlength')
     from flax import nnx
     import jax

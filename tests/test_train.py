@@ -121,8 +121,29 @@ def test_killed_run_leaves_a_readable_checkpoint(store, tmp_path):
         state, loader, _ = c.restore(step, (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding))
     assert int(state['step']) == step and loader['state']['step'] == step
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state['params']))
-    # and the run picks up from there
+    # and the run picks up from there, with the losses an uninterrupted run has at the same steps
     _pretrain(store, tmp_path / 'run', '--set', 'schedule.0.steps=400', steps=step + 2, check=True)
+    _pretrain(store, tmp_path / 'straight', '--set', 'schedule.0.steps=400', steps=step + 2, check=True)
+    resumed, straight = ({h['step']: h['loss'] for h in map(json.loads, (tmp_path / d / 'history.jsonl').read_text().splitlines())}
+                         for d in ('run', 'straight'))
+    after = sorted(s for s in resumed if s > step)
+    assert after and after[-1] == step + 2 and [resumed[s] for s in after] == [straight[s] for s in after]
+
+
+def test_pretraining_crosses_the_anneal_boundary(store, tmp_path):
+    from xgen_small.train import _loader_for, train
+    cfg = TrainConfig(schedule=default_schedule(6, anneal_fraction=0.5), seq_len=128, save_every=100)
+    res = train(cfg, store, tmp_path / 'run', progress=False, peak_flops=1e12)
+    assert [h['phase'] for h in res.history] == ['broad'] * 3 + ['anneal'] * 3
+    assert res.history[-1]['lr'] < 0.6 * res.history[3]['lr']                 # the anneal decays the learning rate
+    _, loader, _ = Checkpointer(tmp_path / 'run' / 'checkpoints').restore(
+        6, (jax.eval_shape(res.trainer._init, jax.random.key(0)), res.trainer.state_sharding))
+    assert loader['phase'] == 'anneal'
+    # the anneal phase's pass draws the anneal mixture (notebook 05): less web, more of the curated domains
+    web = store.meta['domains'].index('web')
+    share = {ph: float(store.lengths[o][store.domains[o] == web].sum() / store.lengths[o].sum())
+             for ph in ('broad', 'anneal') for o in [_loader_for(store, cfg, ph)._order(0)]}
+    assert share['anneal'] < share['broad'] - 0.1, share
 
 
 def test_cli_reports_divergence_and_bad_overrides(store, tmp_path):

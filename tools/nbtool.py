@@ -6,6 +6,7 @@
     python tools/nbtool.py readme [--check]  # README.md from nbs/index.ipynb (quarto-free nbdev_readme)
     python tools/nbtool.py command main|test # print one of README's two commands (CI runs the test one)
     python tools/nbtool.py docs              # the documentation site in docs/ (mkdocs; pip install -e ".[docs]")
+    python tools/nbtool.py slow [--no-benchmarks]   # the slow suite: nbdev_test --flags slow, then every benchmark's full run
 
 Notebooks are executed with 8 host CPU devices, as in CI, so multi-device examples show real meshes.
 """
@@ -107,6 +108,27 @@ def command(which: str) -> str:
     return m.group(1).strip()
 
 
+# The benchmarks' full runs in the slow suite (minutes each on 2 cores). long_context_demo.py (~35 min) and
+# retrieval_probe.py are experiments rather than checks; run them by hand when their stages change.
+SLOW_BENCHMARKS = ('code_reward', 'loader', 'tokenizer', 'dedup', 'decode', 'train', 'attention')
+
+
+def slow(benchmarks: bool = True) -> int:
+    "Every notebook with its `#| slow` cells (nbdev_test --flags slow), then each benchmark's full run; a summary."
+    import time
+    env = dict(os.environ, XLA_FLAGS=XLA_FLAGS)
+    steps = [('nbdev_test --flags slow', ['nbdev_test', '--flags', 'slow', '--timing'])]
+    if benchmarks: steps += [(f'benchmarks/{b}.py', [sys.executable, str(ROOT / 'benchmarks' / f'{b}.py')]) for b in SLOW_BENCHMARKS]
+    results = []
+    for name, cmd in steps:
+        print(f'== {name}', flush=True)
+        t0 = time.time(); rc = subprocess.call(cmd, cwd=ROOT, env=env)
+        results.append((name, rc, time.time() - t0))
+    print('\nslow suite:')
+    for name, rc, dt in results: print(f"  {'ok  ' if rc == 0 else 'FAIL'} {name} ({dt:.0f} s)")
+    return 1 if any(rc for _, rc, _ in results) else 0
+
+
 DOCS_SRC = ROOT / '_docs_src'
 
 
@@ -146,6 +168,7 @@ def main(argv=None):
     m = sub.add_parser('readme'); m.add_argument('--check', action='store_true')
     c = sub.add_parser('command'); c.add_argument('which', choices=['main', 'test'])
     sub.add_parser('docs')
+    sl = sub.add_parser('slow'); sl.add_argument('--no-benchmarks', action='store_true')
     a = p.parse_args(argv)
     if a.cmd == 'check-pairs': return check_pairs()
     if a.cmd == 'sync': return sync(a.names)
@@ -153,6 +176,7 @@ def main(argv=None):
     if a.cmd == 'readme': return readme(a.check)
     if a.cmd == 'command': print(command(a.which)); return 0
     if a.cmd == 'docs': return docs()
+    if a.cmd == 'slow': return slow(not a.no_benchmarks)
 
 
 if __name__ == '__main__':
