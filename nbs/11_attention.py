@@ -36,7 +36,7 @@ if 'google.colab' in sys.modules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import jax
 import jax.experimental.pallas as pl
@@ -226,9 +226,10 @@ class BlockSizes:
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"BlockSizes.{n} must be a positive int, got {v!r}")
     @property
     def bwd(self) -> tuple[int, int]: return self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv
-    def fit(self, q_len: int, kv_len: int) -> BlockSizes:
-        "Blocks no longer than the (padded-to-8) sequences, so short inputs do not pay for huge blocks."
-        cap = lambda b, n: min(b, -(-n // 8) * 8)
+    def fit(self, q_len: int, kv_len: int, pow2: bool = False) -> BlockSizes:
+        """Blocks no longer than the sequences padded to a multiple of 8 (or, with `pow2`, to a power of two, which
+        Triton needs), so short inputs do not pay for huge blocks."""
+        cap = lambda b, n: min(b, 1 << max(3, (n - 1).bit_length()) if pow2 else -(-n // 8) * 8)
         qb, kb = self.bwd
         return BlockSizes(cap(self.block_q, q_len), cap(self.block_kv, kv_len), cap(qb, q_len), cap(kb, kv_len))
 
@@ -482,9 +483,21 @@ def _specs(B, H, G, Tp, Sp, D, bq, bk, per: str):
     if per == 'q': return dict(q=blk_q, kv=full_kv, qs=qs_blk, ks=ks_full, row=row_blk, out=blk_q)
     return dict(q=full_q, kv=blk_kv, qs=qs_full, ks=ks_blk, row=row_full, out=pl.BlockSpec((None, None, bk, D), lambda b, h, x: (b, h, x, 0)))
 
+def _gpu_params(interpret: bool):
+    """Compiled on a GPU, the kernels ask for Triton by name. JAX 0.10's default Pallas GPU backend (Mosaic GPU) stages
+    every block in shared memory, and these kernels read the whole key/value sequence as one block (looping over it in
+    `block_kv` slices): Triton reads such a block straight from HBM, Mosaic GPU would need it all on chip."""
+    if interpret: return None
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+def _per_platform(fn, **interpret_on):
+    "Call `fn(interpret)` with the `interpret` each target platform needs, chosen when the program is lowered for it."
+    return lambda *args: jax.lax.platform_dependent(*args, **{p: partial(fn, i) for p, i in interpret_on.items()})
+
 def _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
     (B, T, H, D), K = q.shape, k.shape[2]
-    bs = bs.fit(T, k.shape[1]); bq, bk = bs.block_q, bs.block_kv
+    bs = bs.fit(T, k.shape[1], pow2=not interpret); bq, bk = bs.block_q, bs.block_kv
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     Tp, Sp = qh.shape[2], kh.shape[2]
     sp = _specs(B, H, H // K, Tp, Sp, D, bq, bk, 'q')
@@ -492,13 +505,13 @@ def _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
         partial(_flash_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk, n_kv=Sp // bk),
         grid=(B, H, Tp // bq), in_specs=[sp['q'], sp['kv'], sp['kv'], sp['qs'], sp['ks']], out_specs=[sp['out'], sp['row']],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
-        interpret=interpret, name='xgen_flash_fwd')(qh, kh, vh, qs, ks)
+        interpret=interpret, compiler_params=_gpu_params(interpret), name='xgen_flash_fwd')(qh, kh, vh, qs, ks)
     return out[:, :, :T].transpose(0, 2, 1, 3), lse
 
 def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
     G = H // K
-    bs = bs.fit(T, S); bq, bk = bs.bwd
+    bs = bs.fit(T, S, pow2=not interpret); bq, bk = bs.bwd
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     Tp, Sp = qh.shape[2], kh.shape[2]
@@ -509,13 +522,15 @@ def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     dk, dv = pl.pallas_call(
         partial(_flash_dkv_kernel, n_q=Tp // bq, **kw), grid=(B, H, Sp // bk),
         in_specs=[sk['q'], sk['kv'], sk['kv'], sk['qs'], sk['ks'], sk['q'], sk['row'], sk['row']], out_specs=[sk['out'], sk['out']],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2, interpret=interpret, name='xgen_flash_dkv',
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2, interpret=interpret, compiler_params=_gpu_params(interpret),
+        name='xgen_flash_dkv',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
     sq = _specs(B, H, G, Tp, Sp, D, bq, bk, 'q')
     dq = pl.pallas_call(
         partial(_flash_dq_kernel, n_kv=Sp // bk, **kw), grid=(B, H, Tp // bq),
         in_specs=[sq['q'], sq['kv'], sq['kv'], sq['qs'], sq['ks'], sq['q'], sq['row'], sq['row']], out_specs=sq['out'],
-        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), interpret=interpret, name='xgen_flash_dq',
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), interpret=interpret, compiler_params=_gpu_params(interpret),
+        name='xgen_flash_dq',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
     group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)   # per query head -> per KV head
     return dq[:, :, :T].transpose(0, 2, 1, 3), group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
@@ -537,10 +552,12 @@ _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 def attention_flash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
                     causal: bool = True, block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None) -> jax.Array:
     """Our Pallas FlashAttention (forward and backward kernels). Self-attention, index-causal, segment ids >= 0.
-    `interpret` defaults to True on CPU (the kernels run as plain JAX ops) and False on GPU (Triton)."""
+    `interpret` defaults to what the platform the program is lowered for needs: True on CPU (the kernels run as plain
+    JAX ops), False on GPU (Triton), so exporting for `cuda` from a CPU host lowers the real kernels."""
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'flash')
-    if interpret is None: interpret = jax.default_backend() == 'cpu'
-    return _flash(q, k, v, q_seg, kv_seg, causal, block_sizes, q.shape[-1] ** -0.5, interpret)
+    run = lambda i, *a: _flash(*a, causal, block_sizes, q.shape[-1] ** -0.5, i)
+    if interpret is not None: return run(interpret, q, k, v, q_seg, kv_seg)
+    return _per_platform(run, cpu=True, cuda=False, rocm=False)(q, k, v, q_seg, kv_seg)
 
 # %% [markdown]
 # In interpret mode on this CPU, against the reference, over block sizes, GQA ratios and both masks
@@ -566,8 +583,9 @@ for bs, (H, K) in ((BlockSizes(16, 16), (4, 2)), (BlockSizes(32, 16), (4, 4)), (
 
 # %%
 #| export
-@lru_cache(maxsize=32)
 def _splash_kernel(seq_len: int, n_heads: int, causal: bool, bs: BlockSizes, interpret: bool):
+    # Built afresh in each trace, not cached: a cached kernel carries device arrays (its mask tables) from an earlier trace,
+    # which a later `jax.export` lifts into extra arguments and then refuses (found by tests/test_lowering.py).
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk, splash_attention_mask as sm
     mask = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
     bq, bk = bs.block_q, bs.block_kv
@@ -587,11 +605,13 @@ def attention_splash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positio
     blocks = (bs.block_q, bs.block_kv, *bs.bwd)
     if any(b % 128 or T % b for b in blocks):
         raise ValueError(f"splash attention needs block sizes that are multiples of 128 and divide the length {T}; got {bs}")
-    if interpret is None: interpret = jax.default_backend() != 'tpu'
-    kernel = _splash_kernel(T, H, causal, bs, interpret)
-    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sk.SegmentIds(q=qs, kv=ks))
-    out = jax.vmap(one)((q * D ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                        q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    def run(interpret, q, k, v, q_seg, kv_seg):
+        kernel = _splash_kernel(T, H, causal, bs, interpret)
+        one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+        return jax.vmap(one)((q * D ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                             q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    args = (q, k, v, q_seg, kv_seg)
+    out = run(interpret, *args) if interpret is not None else _per_platform(run, cpu=True, tpu=False)(*args)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 # %%
@@ -608,16 +628,34 @@ print('splash (interpret): max |error| out, dq, dk, dv =', [f'{e:.1e}' for e in 
 # |---|---|---|
 # | `xla` | the reference: full score matrix, quadratic memory | everywhere; also the only one that decodes against a KV cache |
 # | `blockwise` | online softmax in plain JAX, custom VJP, linear memory | everywhere |
-# | `flash` | our Pallas kernels | GPU (Triton), CPU (interpret mode, for testing) |
+# | `flash` | our Pallas kernels | GPU (Triton, asked for by name), CPU (interpret mode, for testing) |
 # | `splash` | JAX's TPU splash kernel | TPU (Mosaic), CPU (interpret mode, for testing) |
 # | `seq_ring`, `seq_allgather` | sequence-parallel attention over a mesh's `sequence` axis (notebook 13) | everywhere, inside `jax.set_mesh` |
 # | `auto` | the best of these for the platform and length | |
 #
-# `auto` picks splash on TPU and flash on GPU; on a CPU it picks the reference for short sequences
+# `auto` picks splash on TPU when the length is a multiple of 128 (splash's tiles; blockwise otherwise) and flash on
+# GPU; on a CPU it picks the reference for short sequences
 # (up to 512 tokens) and blockwise beyond: measured on this CPU (`benchmarks/attention.py`), a tiny-model
 # training step at 1K tokens takes 0.25 s with blockwise attention against 0.77 s with the reference,
 # because blockwise skips the masked half of causal attention, and the reference's memory explodes
 # with length. Asking for an implementation the platform cannot run names the ones it can.
+#
+# The choice is made when the program is *lowered*, for the platform it is lowered for
+# (`jax.lax.platform_dependent`), not from the machine that traces it: `jax.export(..., platforms=['tpu'])` on a
+# laptop lowers splash (or blockwise) exactly as a TPU would run it, and exporting flash for `cuda` lowers the real
+# Triton kernels, never their interpret-mode stand-ins. `tests/test_lowering.py` exports the xgen_4b training step for
+# TPU and GPU at lengths that are and are not multiples of 128.
+#
+# What each accelerator's compiler demands of a kernel, and where this project stands:
+#
+# - **Triton (GPU)** wants every array a kernel touches to have a power-of-two size, so compiled (not interpreted) flash
+#   pads short sequences to a power of two (`BlockSizes.fit(..., pow2=True)`). JAX 0.10 lowers Pallas for GPUs through
+#   Mosaic GPU by default, which stages each block in about 227 KB of shared memory; our kernels read the whole key/value
+#   sequence as one block and loop over it in `block_kv` slices, which Triton reads straight from HBM and Mosaic GPU
+#   cannot hold, so the kernels name Triton (`_gpu_params`).
+# - **Mosaic (TPU)** wants each block's last two dimensions divisible by 8 and 128 (or equal to the array's). Our
+#   kernels' per-row statistics (`lse`, one value per query) break that rule, so `flash` is not offered on TPU; JAX's
+#   splash kernel is, for lengths that are multiples of 128, and blockwise attention for the rest.
 
 # %%
 #| export
@@ -633,12 +671,13 @@ IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_bloc
                          'seq_allgather': _sharding_impl('attention_allgather')}
 _ALL = {'cpu', 'gpu', 'tpu'}
 PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}, 'seq_ring': _ALL, 'seq_allgather': _ALL}
+_PLATFORM_KEYS = {'cpu': ('cpu',), 'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}     # JAX's backends -> lowering platforms
 
 def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str | None = None) -> str:
     "The implementation that `impl` means on `platform` (default: JAX's backend) for sequences of `seq_len`."
     platform = platform or jax.default_backend()
     if impl == 'auto':
-        if platform == 'tpu': return 'splash'
+        if platform == 'tpu': return 'splash' if seq_len is None or seq_len % 128 == 0 else 'blockwise'   # splash's tiles
         if platform == 'gpu': return 'flash'
         return 'xla' if seq_len is None or seq_len <= 512 else 'blockwise'
     if impl not in IMPLEMENTATIONS:
@@ -650,16 +689,23 @@ def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str |
 
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
               causal: bool = True, impl: str = 'auto', block_sizes: BlockSizes | None = None) -> jax.Array:
-    "Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in `attention_reference`."
-    name = resolve_impl(impl, q.shape[1])
-    kw = {} if name == 'xla' or block_sizes is None else dict(block_sizes=block_sizes)
-    return IMPLEMENTATIONS[name](q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, **kw)
+    """Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in `attention_reference`.
+    `auto` is resolved for the platform the program is lowered for (this machine's, or `jax.export`'s target)."""
+    T = q.shape[1]
+    resolve_impl(impl, T)                          # an unknown name, or one this machine cannot run: a clear error now
+    def run(name, *args):
+        kw = {} if name == 'xla' or block_sizes is None else dict(block_sizes=block_sizes)
+        return IMPLEMENTATIONS[name](*args, causal=causal, **kw)
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if impl != 'auto': return run(impl, *args)     # flash and splash choose their interpret mode per platform themselves
+    per = {key: partial(run, resolve_impl('auto', T, platform)) for platform, keys in _PLATFORM_KEYS.items() for key in keys}
+    return jax.lax.platform_dependent(*args, **per)
 
 # %%
 test_close(attention(q, k, v, impl='auto'), ours, eps=1e-7)
 test_close(attention(q, k, v, impl='blockwise', block_sizes=BlockSizes(8, 8)), ours, eps=1e-5)
-test_eq([resolve_impl('auto', n, p) for n, p in ((256, 'cpu'), (1024, 'cpu'), (8192, 'gpu'), (8192, 'tpu'))],
-        ['xla', 'blockwise', 'flash', 'splash'])
+test_eq([resolve_impl('auto', n, p) for n, p in ((256, 'cpu'), (1024, 'cpu'), (8192, 'gpu'), (8192, 'tpu'), (200, 'tpu'))],
+        ['xla', 'blockwise', 'flash', 'splash', 'blockwise'])
 test_fail(lambda: attention(q, k, v, impl='cudnn'), contains='available: auto, blockwise, flash, seq_allgather, seq_ring, splash, xla')
 test_fail(lambda: resolve_impl('splash', platform='gpu'), contains='available there: auto, blockwise, flash, seq_allgather, seq_ring, xla')
 test_fail(lambda: resolve_impl('flash', platform='tpu'), contains="'flash' does not run on tpu")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 
 import jax
 import jax.experimental.pallas as pl
@@ -82,9 +82,10 @@ class BlockSizes:
             if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"BlockSizes.{n} must be a positive int, got {v!r}")
     @property
     def bwd(self) -> tuple[int, int]: return self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv
-    def fit(self, q_len: int, kv_len: int) -> BlockSizes:
-        "Blocks no longer than the (padded-to-8) sequences, so short inputs do not pay for huge blocks."
-        cap = lambda b, n: min(b, -(-n // 8) * 8)
+    def fit(self, q_len: int, kv_len: int, pow2: bool = False) -> BlockSizes:
+        """Blocks no longer than the sequences padded to a multiple of 8 (or, with `pow2`, to a power of two, which
+        Triton needs), so short inputs do not pay for huge blocks."""
+        cap = lambda b, n: min(b, 1 << max(3, (n - 1).bit_length()) if pow2 else -(-n // 8) * 8)
         qb, kb = self.bwd
         return BlockSizes(cap(self.block_q, q_len), cap(self.block_kv, kv_len), cap(qb, q_len), cap(kb, kv_len))
 
@@ -285,9 +286,21 @@ def _specs(B, H, G, Tp, Sp, D, bq, bk, per: str):
     if per == 'q': return dict(q=blk_q, kv=full_kv, qs=qs_blk, ks=ks_full, row=row_blk, out=blk_q)
     return dict(q=full_q, kv=blk_kv, qs=qs_full, ks=ks_blk, row=row_full, out=pl.BlockSpec((None, None, bk, D), lambda b, h, x: (b, h, x, 0)))
 
+def _gpu_params(interpret: bool):
+    """Compiled on a GPU, the kernels ask for Triton by name. JAX 0.10's default Pallas GPU backend (Mosaic GPU) stages
+    every block in shared memory, and these kernels read the whole key/value sequence as one block (looping over it in
+    `block_kv` slices): Triton reads such a block straight from HBM, Mosaic GPU would need it all on chip."""
+    if interpret: return None
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=4, num_stages=2)
+
+def _per_platform(fn, **interpret_on):
+    "Call `fn(interpret)` with the `interpret` each target platform needs, chosen when the program is lowered for it."
+    return lambda *args: jax.lax.platform_dependent(*args, **{p: partial(fn, i) for p, i in interpret_on.items()})
+
 def _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
     (B, T, H, D), K = q.shape, k.shape[2]
-    bs = bs.fit(T, k.shape[1]); bq, bk = bs.block_q, bs.block_kv
+    bs = bs.fit(T, k.shape[1], pow2=not interpret); bq, bk = bs.block_q, bs.block_kv
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     Tp, Sp = qh.shape[2], kh.shape[2]
     sp = _specs(B, H, H // K, Tp, Sp, D, bq, bk, 'q')
@@ -295,13 +308,13 @@ def _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
         partial(_flash_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk, n_kv=Sp // bk),
         grid=(B, H, Tp // bq), in_specs=[sp['q'], sp['kv'], sp['kv'], sp['qs'], sp['ks']], out_specs=[sp['out'], sp['row']],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
-        interpret=interpret, name='xgen_flash_fwd')(qh, kh, vh, qs, ks)
+        interpret=interpret, compiler_params=_gpu_params(interpret), name='xgen_flash_fwd')(qh, kh, vh, qs, ks)
     return out[:, :, :T].transpose(0, 2, 1, 3), lse
 
 def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
     G = H // K
-    bs = bs.fit(T, S); bq, bk = bs.bwd
+    bs = bs.fit(T, S, pow2=not interpret); bq, bk = bs.bwd
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     Tp, Sp = qh.shape[2], kh.shape[2]
@@ -312,13 +325,15 @@ def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     dk, dv = pl.pallas_call(
         partial(_flash_dkv_kernel, n_q=Tp // bq, **kw), grid=(B, H, Sp // bk),
         in_specs=[sk['q'], sk['kv'], sk['kv'], sk['qs'], sk['ks'], sk['q'], sk['row'], sk['row']], out_specs=[sk['out'], sk['out']],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2, interpret=interpret, name='xgen_flash_dkv',
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2, interpret=interpret, compiler_params=_gpu_params(interpret),
+        name='xgen_flash_dkv',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
     sq = _specs(B, H, G, Tp, Sp, D, bq, bk, 'q')
     dq = pl.pallas_call(
         partial(_flash_dq_kernel, n_kv=Sp // bk, **kw), grid=(B, H, Tp // bq),
         in_specs=[sq['q'], sq['kv'], sq['kv'], sq['qs'], sq['ks'], sq['q'], sq['row'], sq['row']], out_specs=sq['out'],
-        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), interpret=interpret, name='xgen_flash_dq',
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), interpret=interpret, compiler_params=_gpu_params(interpret),
+        name='xgen_flash_dq',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
     group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)   # per query head -> per KV head
     return dq[:, :, :T].transpose(0, 2, 1, 3), group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
@@ -340,14 +355,17 @@ _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 def attention_flash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
                     causal: bool = True, block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None) -> jax.Array:
     """Our Pallas FlashAttention (forward and backward kernels). Self-attention, index-causal, segment ids >= 0.
-    `interpret` defaults to True on CPU (the kernels run as plain JAX ops) and False on GPU (Triton)."""
+    `interpret` defaults to what the platform the program is lowered for needs: True on CPU (the kernels run as plain
+    JAX ops), False on GPU (Triton), so exporting for `cuda` from a CPU host lowers the real kernels."""
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'flash')
-    if interpret is None: interpret = jax.default_backend() == 'cpu'
-    return _flash(q, k, v, q_seg, kv_seg, causal, block_sizes, q.shape[-1] ** -0.5, interpret)
+    run = lambda i, *a: _flash(*a, causal, block_sizes, q.shape[-1] ** -0.5, i)
+    if interpret is not None: return run(interpret, q, k, v, q_seg, kv_seg)
+    return _per_platform(run, cpu=True, cuda=False, rocm=False)(q, k, v, q_seg, kv_seg)
 
 # %% ../nbs/11_attention.ipynb #746c3c0c
-@lru_cache(maxsize=32)
 def _splash_kernel(seq_len: int, n_heads: int, causal: bool, bs: BlockSizes, interpret: bool):
+    # Built afresh in each trace, not cached: a cached kernel carries device arrays (its mask tables) from an earlier trace,
+    # which a later `jax.export` lifts into extra arguments and then refuses (found by tests/test_lowering.py).
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk, splash_attention_mask as sm
     mask = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
     bq, bk = bs.block_q, bs.block_kv
@@ -367,11 +385,13 @@ def attention_splash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positio
     blocks = (bs.block_q, bs.block_kv, *bs.bwd)
     if any(b % 128 or T % b for b in blocks):
         raise ValueError(f"splash attention needs block sizes that are multiples of 128 and divide the length {T}; got {bs}")
-    if interpret is None: interpret = jax.default_backend() != 'tpu'
-    kernel = _splash_kernel(T, H, causal, bs, interpret)
-    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sk.SegmentIds(q=qs, kv=ks))
-    out = jax.vmap(one)((q * D ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                        q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    def run(interpret, q, k, v, q_seg, kv_seg):
+        kernel = _splash_kernel(T, H, causal, bs, interpret)
+        one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sk.SegmentIds(q=qs, kv=ks))
+        return jax.vmap(one)((q * D ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                             q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    args = (q, k, v, q_seg, kv_seg)
+    out = run(interpret, *args) if interpret is not None else _per_platform(run, cpu=True, tpu=False)(*args)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 # %% ../nbs/11_attention.ipynb #d8b4f7cc
@@ -387,12 +407,13 @@ IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_bloc
                          'seq_allgather': _sharding_impl('attention_allgather')}
 _ALL = {'cpu', 'gpu', 'tpu'}
 PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}, 'seq_ring': _ALL, 'seq_allgather': _ALL}
+_PLATFORM_KEYS = {'cpu': ('cpu',), 'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}     # JAX's backends -> lowering platforms
 
 def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str | None = None) -> str:
     "The implementation that `impl` means on `platform` (default: JAX's backend) for sequences of `seq_len`."
     platform = platform or jax.default_backend()
     if impl == 'auto':
-        if platform == 'tpu': return 'splash'
+        if platform == 'tpu': return 'splash' if seq_len is None or seq_len % 128 == 0 else 'blockwise'   # splash's tiles
         if platform == 'gpu': return 'flash'
         return 'xla' if seq_len is None or seq_len <= 512 else 'blockwise'
     if impl not in IMPLEMENTATIONS:
@@ -404,7 +425,14 @@ def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str |
 
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
               causal: bool = True, impl: str = 'auto', block_sizes: BlockSizes | None = None) -> jax.Array:
-    "Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in `attention_reference`."
-    name = resolve_impl(impl, q.shape[1])
-    kw = {} if name == 'xla' or block_sizes is None else dict(block_sizes=block_sizes)
-    return IMPLEMENTATIONS[name](q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal=causal, **kw)
+    """Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in `attention_reference`.
+    `auto` is resolved for the platform the program is lowered for (this machine's, or `jax.export`'s target)."""
+    T = q.shape[1]
+    resolve_impl(impl, T)                          # an unknown name, or one this machine cannot run: a clear error now
+    def run(name, *args):
+        kw = {} if name == 'xla' or block_sizes is None else dict(block_sizes=block_sizes)
+        return IMPLEMENTATIONS[name](*args, causal=causal, **kw)
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if impl != 'auto': return run(impl, *args)     # flash and splash choose their interpret mode per platform themselves
+    per = {key: partial(run, resolve_impl('auto', T, platform)) for platform, keys in _PLATFORM_KEYS.items() for key in keys}
+    return jax.lax.platform_dependent(*args, **per)
