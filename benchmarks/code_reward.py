@@ -12,8 +12,6 @@ import os
 import platform
 import time
 
-import numpy as np
-
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -21,11 +19,10 @@ def main(argv=None):
     ap.add_argument('--n', type=int, default=96)
     a = ap.parse_args(argv)
     from xgen_small.rl import code_tasks, sandbox_mode, task_rewards
-    from xgen_small.sft import code_task
 
     n = 8 if a.quick else a.n
     tasks = code_tasks(n, seed=0)
-    texts = [code_task(np.random.default_rng([0, i]))['solution'] for i in range(n)]
+    texts = [t['solution'] for t in tasks]
     texts = [t if i % 2 == 0 else t.replace('return', 'return -1 +', 1) for i, t in enumerate(texts)]
     want = [1.0 if i % 2 == 0 else None for i in range(n)]
     cores = os.cpu_count() or 1

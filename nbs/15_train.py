@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %%
@@ -412,6 +418,46 @@ class Checkpointer:
     def close(self): self.mngr.close()
 
 # %% [markdown]
+# ## Metrics while the run runs
+#
+# A run's metrics are written as each step finishes, not when the run returns, so that a run killed at step 900 has
+# its 900 steps of history, and a person can watch it: every record goes to `history.jsonl` (one JSON object a line,
+# flushed) and its numbers to TensorBoard event files in the same directory, so `tensorboard --logdir runs/` shows
+# loss, learning rate, gradient norm, tokens/s and MFU live, one curve per stage. On resume, records from steps past the
+# restored checkpoint are dropped first: those steps are about to be trained again, and the file must say what the
+# resumed run did, once per step. (`tensorboardX` writes the event files; TensorBoard itself is only needed to view them.)
+
+# %%
+#| export
+class MetricsLog:
+    """Append each step's metrics to `out_dir/history.jsonl` and TensorBoard event files; `resume_step`: the checkpoint
+    resumed. Only the lead process writes."""
+    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool = True):
+        self.path, self.file, self.writer = Path(out_dir) / 'history.jsonl', None, None
+        if jax.process_index() != 0: return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():                              # keep what the checkpoint covers, drop what will be redone
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= (resume_step or 0)]
+            tmp = self.path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); tmp.replace(self.path)
+        self.file = self.path.open('a')
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            # purge_step: TensorBoard drops this directory's older points from that step on (the redone steps)
+            self.writer = SummaryWriter(str(self.path.parent), flush_secs=10, purge_step=(resume_step or 0) + 1)
+
+    def log(self, m: dict):
+        if self.file is None: return
+        self.file.write(json.dumps(m) + '\n'); self.file.flush()
+        if self.writer is not None:
+            for k, v in m.items():
+                if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, m['step'])
+
+    def close(self):
+        if self.file is not None: self.file.close()
+        if self.writer is not None: self.writer.close()
+
+# %% [markdown]
 # ## The loop
 #
 # `train` ties it together: a mesh, a `Trainer`, a checkpointer in `out_dir`, and one data loader per
@@ -476,7 +522,7 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
             phase, loader_state = saved_loader['phase'], LoaderState.from_pytree(saved_loader['state'])
         loader = _loader_for(store, cfg, phase, loader_state)
         flops = flops_per_token(cfg.model, cfg.seq_len)
-        history, t_last, tok_last = [], time.perf_counter(), 0
+        history, t_last, tok_last, log = [], time.perf_counter(), 0, MetricsLog(out_dir, start)
         first = int(state['step'])
         bar = tqdm(range(first, steps), initial=first, total=steps, disable=not progress, desc='train', unit='step')
         for step in bar:
@@ -486,7 +532,7 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not math.isfinite(m['loss']):
                 last = ckpt.latest()
-                ckpt.close()
+                ckpt.close(); log.close()
                 raise TrainingDiverged(f"loss is {m['loss']} at step {step + 1}; stopped before saving. "
                                        f"The last good checkpoint is step {last} in {ckpt.dir}" if last is not None else
                                        f"loss is {m['loss']} at step {step + 1}; no checkpoint had been saved")
@@ -498,11 +544,10 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
                 m['mfu'] = m['tokens_per_s'] * flops / peak
                 t_last, tok_last = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:,.0f}")
-            history.append(m)
+            history.append(m); log.log(m)
             loader_doc = dict(phase=phase, state={k: int(v) for k, v in loader.state.to_pytree().items()})
             ckpt.save(step + 1, state, loader_doc, cfg.to_dict(), force=step + 1 == steps)
-        ckpt.close()
-    (Path(out_dir) / 'history.jsonl').open('a').writelines(json.dumps(h) + '\n' for h in history)
+        ckpt.close(); log.close()
     return TrainResult(state, history, tr)
 
 # %% [markdown]
@@ -567,6 +612,36 @@ second = train(short, store, tmp / 'split', progress=False).history
 print('straight:', [round(h['loss'], 5) for h in straight[6:11]])
 print('resumed: ', [round(h['loss'], 5) for h in (first + second)[6:11]])
 test_eq([h['loss'] for h in first + second], [h['loss'] for h in straight])
+
+# %% [markdown]
+# The resumed run's `history.jsonl` holds each of the 16 steps once, and its TensorBoard event files hold the same
+# numbers (read back here with the event protocol buffer, as TensorBoard reads them). A run killed after its step-8
+# checkpoint but with 11 steps logged loses steps 9-11 from the file when it resumes, because it trains them again.
+
+# %%
+import struct
+from tensorboardX.proto.event_pb2 import Event
+def tb_scalars(run_dir) -> dict:
+    "tag -> [(step, value)] from a directory's TensorBoard event files (TFRecord: length, crc, event, crc)."
+    out = {}
+    for f in sorted(Path(run_dir).glob('events.out.tfevents.*')):
+        b, i = f.read_bytes(), 0
+        while i < len(b):
+            n, = struct.unpack('<Q', b[i:i + 8]); e = Event.FromString(b[i + 12:i + 12 + n]); i += 16 + n
+            for v in e.summary.value: out.setdefault(v.tag, []).append((e.step, v.simple_value))
+    return out
+logged = [json.loads(l) for l in (tmp / 'split' / 'history.jsonl').read_text().splitlines()]
+test_eq([h['step'] for h in logged], list(range(1, 17)))
+tb = tb_scalars(tmp / 'split')
+print(sorted(tb))
+test_eq([s for s, _ in tb['loss']], list(range(1, 17)))
+test_close([v for _, v in tb['loss']], [h['loss'] for h in logged], eps=1e-5)
+assert {'lr', 'grad_norm', 'tokens_per_s', 'mfu'} <= set(tb)
+log = MetricsLog(tmp / 'killed', None, tensorboard=False)
+for k in range(1, 12): log.log(dict(step=k, loss=1.0))
+log.close()
+MetricsLog(tmp / 'killed', 8, tensorboard=False).close()               # resuming from the step-8 checkpoint
+test_eq([json.loads(l)['step'] for l in (tmp / 'killed' / 'history.jsonl').read_text().splitlines()], list(range(1, 9)))
 
 # %% [markdown]
 # ## Divergence stops cleanly

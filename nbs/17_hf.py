@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %%

@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %% [markdown]
@@ -273,27 +279,29 @@ def _cwe(tok, rng, cfg, budget):
     q = f' Question: What are the {cfg.cwe_common} most common words in the above list? Answer: The top {cfg.cwe_common} words that appear most often in the list are:'
     return best, q, common
 
-def _fwe(tok, rng, cfg, budget):
-    "Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used."
+def _fwe(tok, rng, cfg, budget, tries: int = 20):
+    """Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used; redrawn (from the
+    same generator, so still a function of the seed) while the top `fwe_top` words tie with the next."""
     vocab = []
     while len(vocab) < 32:
         w = ''.join(chr(c) for c in rng.integers(97, 123, 5))
         if w not in vocab: vocab.append(w)
-    rank = rng.zipf(cfg.fwe_alpha, 4 * budget)
-    words = [vocab[r - 1] for r in rank if r <= len(vocab)]
-    lo, hi, best = 1, len(words), None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        ids = tok.encode(' ' + ' '.join(words[:mid]) + ' ...')
-        if len(ids) <= budget: best, lo = (ids, mid), mid + 1
-        else: hi = mid - 1
-    if best is None: raise ValueError(f"fwe: {budget} tokens cannot hold even one coded word")
-    ids, n = best
-    counts = {}
-    for w in words[:n]: counts[w] = counts.get(w, 0) + 1
-    ranked = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))
-    if len(ranked) > cfg.fwe_top and counts[ranked[cfg.fwe_top - 1]] == counts[ranked[cfg.fwe_top]]:
-        raise ValueError("fwe: the top words tie at this length; use another seed or a longer length")
+    for _ in range(tries):
+        rank = rng.zipf(cfg.fwe_alpha, 4 * budget)
+        words = [vocab[r - 1] for r in rank if r <= len(vocab)]
+        lo, hi, best = 1, len(words), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ids = tok.encode(' ' + ' '.join(words[:mid]) + ' ...')
+            if len(ids) <= budget: best, lo = (ids, mid), mid + 1
+            else: hi = mid - 1
+        if best is None: raise ValueError(f"fwe: {budget} tokens cannot hold even one coded word")
+        ids, n = best
+        counts = {}
+        for w in words[:n]: counts[w] = counts.get(w, 0) + 1
+        ranked = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))
+        if len(ranked) <= cfg.fwe_top or counts[ranked[cfg.fwe_top - 1]] > counts[ranked[cfg.fwe_top]]: break
+    else: raise ValueError(f"fwe: the top words tied in {tries} draws at this length; use a longer length")
     q = f' Question: What are the {cfg.fwe_top} most frequently appeared words in the above coded text? Answer: According to the coded text above, the {cfg.fwe_top} most frequently appeared words are:'
     return ids, q, ranked[:cfg.fwe_top]
 

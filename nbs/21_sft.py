@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %% [markdown]
@@ -57,6 +63,7 @@ if 'google.colab' in sys.modules:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -78,7 +85,7 @@ from xgen_small.model import Decoder
 from xgen_small.schedules import LRPhase, multi_phase_schedule
 from xgen_small.sharding import MeshConfig, make_mesh
 from xgen_small.tokenizer import END_TURN, Tokenizer, parse_chat, render_chat
-from xgen_small.train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, _checked_params
+from xgen_small.train import Checkpointer, MetricsLog, TrainConfig, Trainer, TrainingDiverged, _checked_params
 
 # %% [markdown]
 # ## An instruction set over four domains
@@ -200,11 +207,26 @@ def general_example(rng) -> dict:
     return dict(question=f"What is the opposite of '{w}'?", solution=f"The opposite of '{w}' is '{o}'.")
 
 _GENERATORS = dict(math=arithmetic_problem, code=code_task, safety=safety_example, general=general_example)
+SPLITS = ('train', 'test')
 
-def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_sentence: float = 0.5) -> list[dict]:
+def split_of(question: str) -> str:
+    "'test' for about a quarter of all questions, chosen by a hash of the text, else 'train'; fixed for every seed."
+    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
+
+def draw_in_split(gen: Callable, rng, split: str | None, what: str) -> dict:
+    "The first example `gen(rng)` draws whose question lies in `split` (any, when None)."
+    if split is not None and split not in SPLITS: raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    for _ in range(10_000):
+        ex = gen(rng)
+        if split is None or split_of(ex['question']) == split: return ex
+    raise ValueError(f"{what}: no question in the {split!r} split")
+
+def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_sentence: float = 0.5,
+                    split: str | None = 'train') -> list[dict]:
     """`n` conversations `{'domain', 'messages', ...}` drawn from a seed, domains in proportion to `shares`
-    (default equal). A third carry the system prompt, so the model sees both forms. A share `answer_sentence` of the
-    math replies end with `The answer is N.`; the rest stop after the working, as mixed real data does."""
+    (default equal), questions from `split` ('train', 'test', or None for both). A third carry the system prompt, so the
+    model sees both forms. A share `answer_sentence` of the math replies end with `The answer is N.`; the rest stop
+    after the working, as mixed real data does."""
     shares = shares or {d: 1.0 for d in DOMAINS}
     bad = set(shares) - set(DOMAINS)
     if bad: raise ValueError(f"unknown domain(s) {sorted(bad)}; have {DOMAINS}")
@@ -214,7 +236,7 @@ def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_se
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         dom = names[int(rng.choice(len(names), p=p / p.sum()))]
-        ex = _GENERATORS[dom](rng)
+        ex = draw_in_split(_GENERATORS[dom], rng, split, f'instruction_set ({dom})')
         if dom == 'math' and rng.random() >= answer_sentence: ex['solution'] = ex['solution'].split(' The answer is')[0]
         msgs = ([dict(role='system', content=SYSTEM_PROMPT)] if rng.random() < 1 / 3 else []) + [
             dict(role='user', content=ex['question']), dict(role='assistant', content=ex['solution'])]
@@ -249,6 +271,13 @@ for i in range(50):                                                             
     assert q in every_arithmetic_problem(12, '+-*')
     assert int(q['answer']) >= 0 and q['solution'].endswith(f"The answer is {q['answer']}.")
 test_fail(lambda: instruction_set(3, shares={'poetry': 1}), contains='unknown domain')
+# every question is on one side of a fixed split: training sets never contain an evaluation question
+q_of = lambda cs: {c['messages'][-2]['content'] for c in cs}
+test_eq({split_of(q) for q in q_of(instruction_set(300))}, {'train'})
+test_eq({split_of(q) for q in q_of(instruction_set(300, seed=1, split='test'))}, {'test'})
+test_eq(q_of(instruction_set(400, seed=2)) & q_of(instruction_set(400, seed=3, split='test')), set())
+test_eq(len(instruction_set(40, split=None)), 40)
+test_fail(lambda: instruction_set(3, split='dev'), contains='split must be one of')
 test_eq(math_reward('3 + 4 = 7. The answer is 7.', '7'), 1.0)
 test_eq(math_reward('The answer is 6. No wait, the answer is 7.', '7'), 1.0)      # the last answer counts
 test_eq([math_reward(t, '7') for t in ('7', 'The answer is 8.', '', 'The answer is .', '\x00\ufffd')], [0.0] * 5)
@@ -333,7 +362,7 @@ def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     "A tokenizer trained on 600 sample-corpus documents plus 400 generated conversations: the one notebooks 21-23 use."
     from xgen_small.data.sample import load_sample
     from xgen_small.tokenizer import train_tokenizer
-    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
+    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1, split=None) for m in c['messages']]
     return Tokenizer(train_tokenizer(texts, vocab_size))
 
 # %%
@@ -464,7 +493,7 @@ def post_train(stage: str, tcfg: TrainConfig, params: dict, out_dir, batch_fn: C
                 ckpt.close()
                 raise ConfigError(f"{out_dir} holds a {saved.get('stage', 'pre-training')} checkpoint of another model or stage, "
                                   f"not this {stage} run; use a fresh directory")
-        history, end = [], tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
+        history, end, log = [], tcfg.steps if stop_at is None else min(stop_at, tcfg.steps), MetricsLog(out_dir, start)
         for step in tqdm(range(int(state['step']), end), initial=int(state['step']), total=tcfg.steps,
                          disable=not progress, desc=desc or stage, unit='step'):
             t0 = time.perf_counter()
@@ -473,13 +502,12 @@ def post_train(stage: str, tcfg: TrainConfig, params: dict, out_dir, batch_fn: C
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             m.update({k[1:]: v for k, v in batch.items() if k.startswith('_')}, step=step + 1, seconds=time.perf_counter() - t0)
             if not math.isfinite(m['loss']):
-                ckpt.close()
+                ckpt.close(); log.close()
                 raise TrainingDiverged(f"{stage}: loss is {m['loss']} at step {step + 1}; the last checkpoint is step {ckpt.latest()}")
-            history.append(m)
+            history.append(m); log.log(m)
             ckpt.save(step + 1, state, dict(step=step + 1), config, force=step + 1 == end)
-        ckpt.close()
+        ckpt.close(); log.close()
         params = jax.device_get(state['params'])
-    with (out_dir / 'history.jsonl').open('a') as f: f.writelines(json.dumps(h) + '\n' for h in history)
     return PostResult(params, tcfg.model, history)
 
 # %% [markdown]
@@ -567,9 +595,10 @@ import tempfile
 from flax import nnx
 from xgen_small.config import get_preset
 mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=256)
-train_set, held_out = instruction_set(1200, seed=0), instruction_set(64, seed=10_000)
-print('held-out conversations also in the training set:',
-      sum(c['messages'] in [t['messages'] for t in train_set] for c in held_out), 'of', len(held_out))
+train_set, held_out = instruction_set(1200, seed=0), instruction_set(64, seed=10_000, split='test')
+question = lambda c: c['messages'][-2]['content']
+print('held-out questions also in the training set:', len({question(c) for c in held_out} & {question(c) for c in train_set}), 'of', len(held_out))
+test_eq({question(c) for c in held_out} & {question(c) for c in train_set}, set())
 cfg = SFTConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10)
 work = Path(tempfile.mkdtemp())
 start = random_params(mcfg)
@@ -585,9 +614,10 @@ res = sft(start, mcfg, tok, train_set, cfg, work / 'sft', progress=False)
 print(f"{cfg.steps} steps in {time.perf_counter() - t0:.0f}s; loss {res.history[0]['loss']:.2f} -> {res.history[-1]['loss']:.2f}")
 
 # %% [markdown]
-# The held-out questions are drawn with another seed; the generators are small, so some coincide with training
-# questions (the count above), which is why the table below also reports the domains separately: the arithmetic
-# and word-sorting answers cannot all be memorised, while the safety replies can.
+# The held-out conversations come from the other side of the split: every generated question belongs to 'train' or
+# 'test' by a hash of its text (`split_of`, the same rule RL's tasks and DPO's pairs use), so none of them was ever a
+# training question (asserted above). The generators are small, so the test side is small too (35 arithmetic
+# questions, 8 code tasks, 1 safety request); the table below reports the domains separately.
 
 # %%
 #| slow
@@ -606,9 +636,13 @@ Markdown('| domain | right before | after |\n|---|---:|---:|\n' + '\n'.join(
 
 # %% [markdown]
 # A hundred steps teach every domain's *form*: refusals, code blocks, the working-then-answer shape of the math
-# replies. What they do not teach is arithmetic: the math replies have the right shape and mostly the wrong
-# numbers, and the free-form general tasks (sorting, counting) are right only when memorised. Notebooks 22 and 23
-# fine-tune on math alone for 120 steps before preference learning and RL take over.
+# replies. On questions the model never trained on, form is most of what transfers: the code tasks are templates
+# over a few function shapes, so an unseen `k` or name is still written right; the math replies have the right shape
+# and mostly the wrong numbers; a general question whose answer is a fact (an unseen capital or opposite) cannot be
+# right; and the one held-out safety request gets a refusal aimed at another request. (Before the hash split, the
+# held-out set shared 49 of its 64 conversations with the training set, and this table read 50-100% everywhere:
+# memory, not skill.) Notebooks 22 and 23 fine-tune on math alone for 120 steps before preference learning and RL take
+# over.
 
 # %%
 #| slow
@@ -621,7 +655,7 @@ plt.tight_layout()
 # %%
 #| slow
 test_eq(acc_before['all'], 0.0)
-assert acc_after['all'] >= 0.5, acc_after
+assert acc_after['all'] >= 0.3 and acc_after['code'] >= 0.5 and acc_after['math'] > 0, acc_after   # on questions never trained on
 assert res.history[-1]['loss'] < 0.25 * res.history[0]['loss']
 test_close(res.history[0]['lr'], 0.0, eps=1e-12); test_close(max(h['lr'] for h in res.history), 3e-3, eps=1e-4)
 

@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %% [markdown]
@@ -67,7 +73,7 @@ import numpy as np
 from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, epoch_indices, padded_rows, post_train
+from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, draw_in_split, epoch_indices, padded_rows, post_train
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -143,12 +149,13 @@ test_fail(lambda: dpo_loss(*args, kind='kto'), contains='kind must be one of')
 
 # %%
 #| export
-def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-') -> list[dict]:
-    "`n` pairs: an arithmetic question, the worked correct answer, and the same working with a wrong result."
+def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-', split: str | None = 'train') -> list[dict]:
+    """`n` pairs: an arithmetic question (from `split`, notebook 21's hash split), the worked correct answer, and the
+    same working with a wrong result."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        p = arithmetic_problem(rng, max_operand, ops)
+        p = draw_in_split(lambda r: arithmetic_problem(r, max_operand, ops), rng, split, 'arithmetic_pairs')
         wrong = int(p['answer']) + int(rng.choice([-2, -1, 1, 2]))
         bad = p['solution'].replace(f"= {p['answer']}.", f'= {wrong}.').replace(f"answer is {p['answer']}.", f'answer is {wrong}.')
         out.append(dict(prompt=[dict(role='user', content=p['question'])], chosen=p['solution'], rejected=bad, answer=p['answer']))
@@ -304,16 +311,17 @@ test_fail(lambda: dpo(p0, mcfg, tok, [], small, work / 'none'), contains='at lea
 # initialised, as in notebook 21) on the math conversations of notebook 21's instruction set. Half of those replies
 # end with `The answer is N.` and half stop after the working, so the fine-tuned model states an answer only some
 # of the time, and not always the right one. The rule-made pairs prefer the worked, stated, correct answer to a
-# near miss. We measure greedy accuracy with `math_reward` on every question of the task (155 of them) after SFT,
-# after plain DPO and after DPO with the NLL term, all else equal. (The cells from here on are marked `slow`: about
+# near miss. We measure greedy accuracy with `math_reward` on the 35 held-out questions (the 'test' side of notebook
+# 21's hash split; SFT and the pairs only ever see the 'train' side) after SFT, after plain DPO and after DPO with the
+# NLL term, all else equal. (The cells from here on are marked `slow`: about
 # three minutes on two CPU cores, outside CI's default run; their outputs are the ones committed.)
 
 # %%
 #| slow
-from xgen_small.sft import every_arithmetic_problem
+from xgen_small.sft import every_arithmetic_problem, split_of
 sft_res = sft(p0, mcfg, tok, instruction_set(1600, seed=0, shares={'math': 1}),
               SFTConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=5), work / 'sft', progress=False)
-every = every_arithmetic_problem()
+every = [p for p in every_arithmetic_problem() if split_of(p['question']) == 'test']      # held out: 35 questions
 def replies(model): return chat(model, tok, [[dict(role='user', content=q['question'])] for q in every], 24)
 def accuracy(model): return float(np.mean([math_reward(r, q['answer']) for r, q in zip(replies(model), every)]))
 acc = {'SFT': accuracy(sft_res.model())}
@@ -332,21 +340,22 @@ for name, w in (('DPO', 0.0), ('DPO + NLL', 1.0)):
 # %%
 #| slow
 from IPython.display import Markdown
-shown = every[::31][:5]
+shown = every[::7][:5]
 cols = {'SFT': sft_res.model(), **{k: r.model() for k, r in runs.items()}}
 said = {k: chat(m, tok, [[dict(role='user', content=q['question'])] for q in shown], 24) for k, m in cols.items()}
 Markdown('| question | ' + ' | '.join(cols) + ' |\n|---|' + '---|' * len(cols) + '\n' + '\n'.join(
     f"| {q['question']} | " + ' | '.join(f"`{said[k][i]}`" for k in cols) + ' |' for i, q in enumerate(shown))
-    + '\n| **accuracy (155 questions)** | ' + ' | '.join(f'**{acc[k]:.0%}**' for k in cols) + ' |')
+    + '\n| **held-out accuracy (35 questions)** | ' + ' | '.join(f'**{acc[k]:.0%}**' for k in cols) + ' |')
 
 # %% [markdown]
-# Plain DPO widens the margin between chosen and rejected, as it should, and yet the checked accuracy *falls*: the
-# chosen replies' implied reward drifts below zero while the rejected ones' falls further (the middle panel), so the
-# chosen replies too become less likely than under the reference, and the model drifts
-# away from what the two sides of every pair share, the answer sentence. Its working often improves (compare the
-# columns) but it stops stating an answer, so nothing it says can be checked. With the NLL term the chosen reply's
-# probability rises while the rejected one's falls, and accuracy climbs far above SFT's. This is the effect Pang et
-# al. report, reproduced at a millionth of the scale.
+# On questions it never saw, the SFT model is never right: it has the form of a worked answer but not the
+# arithmetic. Both DPO variants lift held-out accuracy to about a quarter: the pairs teach "state the result of your
+# own working", which transfers to new questions. The two differ in *how*, as Pang et al. describe: plain DPO widens
+# the margin by pushing both replies down (the chosen replies' implied reward drifts below zero, middle panel), while
+# with the NLL term the chosen reply's probability rises. An earlier version of this notebook scored all 155
+# questions, including the ones the pairs were made from, and there plain DPO fell from 19% to 0% while DPO + NLL rose
+# to 84%; measured on held-out questions only, that gap disappears. Most of the NLL term's gain was on questions it
+# had trained on, which is why every evaluation here now uses the held-out side of the split.
 
 # %%
 #| slow
@@ -368,8 +377,8 @@ plt.tight_layout()
 for r in runs.values():
     test_close(r.history[0]['preference_loss'], np.log(2), eps=1e-4)          # the policy starts at the reference
     assert np.mean([x['reward_margin'] for x in r.history[-10:]]) > 0          # the margin grows either way
-assert runs['DPO'].history[-1]['reward_chosen'] < 0 < runs['DPO + NLL'].history[-1]['reward_chosen']
-assert acc['DPO + NLL'] > acc['SFT'] + 0.3 and acc['DPO'] < acc['SFT']
+assert runs['DPO'].history[-1]['reward_chosen'] < 0 < runs['DPO + NLL'].history[-1]['reward_chosen'], {n: r.history[-1]['reward_chosen'] for n, r in runs.items()}
+assert acc['DPO'] > acc['SFT'] + 0.15 and acc['DPO + NLL'] > acc['SFT'] + 0.15, acc          # held-out questions
 
 # %% [markdown]
 # ## Pairs from the model's own samples

@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %% [markdown]
@@ -89,8 +95,8 @@ from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.dpo import token_logps
 from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import (PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward,
-                            padded_rows, post_train)
+from xgen_small.sft import (PostConfig, PostResult, arithmetic_problem, code_task, draw_in_split, every_arithmetic_problem,
+                            math_reward, padded_rows, post_train, split_of)
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -381,34 +387,31 @@ test_fail(lambda: code_reward(good, tests, sandbox='docker'), contains="sandbox 
 # ## Tasks
 #
 # A task is a prompt (chat messages) and what the reward needs: a numeric `answer` (math) or unit `tests` (code).
-# The arithmetic questions are split into a training half and a held-out half *by question*: a question's split is
-# a hash of its text, so no held-out question is ever an RL prompt, and the split never changes with the seed.
+# The arithmetic questions are split into a training side and a held-out side *by question*: a question's split is
+# a hash of its text (`split_of`, notebook 21, the rule every generated family follows), so no held-out question is
+# ever an RL prompt, an SFT conversation or a DPO pair, and the split never changes with the seed.
 
 # %%
 #| export
-def _split_of(question: str) -> str:
-    import hashlib
-    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
-
 def arithmetic_tasks(n: int | None, seed: int = 0, split: str = 'train', max_operand: int = 10, ops: str = '+-') -> list[dict]:
     """`n` math tasks drawn from `split` ('train': ~3/4 of the questions, 'test': the rest) with a seed, or, with
     `n=None`, every question of the split once, in order."""
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     task = lambda p: dict(kind='math', prompt=[dict(role='user', content=p['question'])], answer=p['answer'])
-    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if _split_of(p['question']) == split]
+    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if split_of(p['question']) == split]
     out, i = [], 0
     while len(out) < n:
         p = arithmetic_problem(np.random.default_rng([seed, i]), max_operand, ops); i += 1
         if i > 1000 * (n + 10): raise ValueError(f"split {split!r} has too few questions for max_operand={max_operand}, ops={ops!r}")
-        if _split_of(p['question']) == split: out.append(task(p))
+        if split_of(p['question']) == split: out.append(task(p))
     return out
 
-def code_tasks(n: int, seed: int = 0) -> list[dict]:
-    "`n` function-writing tasks with their unit tests."
+def code_tasks(n: int, seed: int = 0, split: str | None = 'train') -> list[dict]:
+    "`n` function-writing tasks from `split` with their unit tests (and a reference `solution`, which no reward reads)."
     out = []
     for i in range(n):
-        t = code_task(np.random.default_rng([seed, i]))
-        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests']))
+        t = draw_in_split(code_task, np.random.default_rng([seed, i]), split, 'code_tasks')
+        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests'], solution=t['solution']))
     return out
 
 def check_tasks(tasks: Sequence[dict]) -> None:
@@ -452,8 +455,8 @@ test_eq(task_reward(code_tasks(1)[0], 'no code'), 0.0)
 test_fail(lambda: task_reward(dict(kind='essay'), 'x'), contains='unknown task kind')
 test_fail(lambda: check_tasks([dict(kind='math', prompt=[dict(role='user', content='hi')])]), contains="task 0: a math task needs an 'answer'")
 test_fail(lambda: check_tasks([dict(kind='code', prompt=[dict(role='user', content='hi')], tests=['f(1) > 0'])]), contains="task 0: test 'f(1) > 0'")
-solution = code_task(np.random.default_rng([0, 0]))['solution']                          # code_tasks(2)[0]'s answer
-test_eq(task_rewards(code_tasks(2) + arithmetic_tasks(1), [solution, 'no code', 'The answer is -999.']), [1.0, 0.0, 0.0])
+test_eq(task_rewards(code_tasks(2) + arithmetic_tasks(1), [code_tasks(1)[0]['solution'], 'no code', 'The answer is -999.']), [1.0, 0.0, 0.0])
+test_eq({split_of(t['prompt'][0]['content']) for t in code_tasks(40, split='test')}, {'test'})
 check_tasks(arithmetic_tasks(3) + code_tasks(3))
 
 # %% [markdown]
@@ -636,18 +639,20 @@ test_fail(lambda: rl(p0, mcfg, tok, [dict(kind='math', prompt=[])], RLConfig(), 
 # %% [markdown]
 # ## Learning arithmetic by reward
 #
-# As in notebook 22, the tiny model is first fine-tuned on the math conversations of notebook 21, half of whose
-# replies state `The answer is N.` and half stop after the working; the fine-tuned model therefore states a right
-# answer only some of the time. GRPO then trains it on the *training* questions only (120 of the 155), and we
+# As in notebook 22, the tiny model is first fine-tuned on the math conversations of notebook 21 (training side of
+# the split only), half of whose replies state `The answer is N.` and half stop after the working; the fine-tuned
+# model therefore states an answer only some of the time. GRPO then trains it on the *training* questions only (120 of
+# the 155), and we
 # measure accuracy on the 35 *held-out* questions every 20 steps, both greedy and as the mean over 8 samples at
 # temperature 1 (what the RL objective itself optimises).
 #
 # What transfers to held-out questions is behaviour: stating the answer in the checked form, and committing to
-# the result of the working. Arithmetic *facts* do not transfer at this scale; we checked: when every SFT math reply
-# states its answer (so the format is already learnt), RL with these settings raised the training questions' mean
-# reward from 0.38 to 0.47 in 80 steps, while held-out greedy accuracy wandered between 51% and 66% around its
-# starting 60% and held-out sampled accuracy stayed at 29-31%. The learning rate matters too: at 1e-3 (a third
-# of SFT's) the policy drifted faster than the rewards could steer it and accuracy collapsed within 40 steps.
+# the result of the working. Arithmetic *facts* do not transfer at this scale: after SFT the model is right on none of
+# the held-out questions greedily, and RL lifts that to about a third within 20 steps and no further, sampled accuracy
+# from about a tenth to a fifth. (Before every generated family was split by question, SFT also trained on the
+# held-out questions and these numbers started near 60%: they measured memory.) The learning rate matters too: at
+# 1e-3 (a third of SFT's) the policy drifted faster than the rewards could steer it and accuracy collapsed within 40
+# steps.
 # (The cells from here on are marked `slow`: about four minutes on two CPU cores, outside CI's default run; their
 # outputs are the ones committed.)
 
@@ -703,8 +708,8 @@ Markdown('| held-out question | after SFT | after RL |\n|---|---|---|\n' + '\n'.
 #| slow
 first, last = np.mean(r[:10]), np.mean(r[-10:])
 print(f'mean sampled reward: first 10 steps {first:.2f}, last 10 steps {last:.2f}')
-assert last > first + 0.1
-assert curve[-1]['greedy'] > curve[0]['greedy'] + 0.3 and curve[-1]['sampled'] > curve[0]['sampled'] + 0.1
+assert last > first + 0.1, (first, last)
+assert curve[-1]['greedy'] > curve[0]['greedy'] + 0.25 and curve[-1]['sampled'] > curve[0]['sampled'] + 0.05, curve
 
 # %%
 #| hide

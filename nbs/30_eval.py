@@ -24,11 +24,17 @@
 
 # %%
 #| hide
-# Colab only: install JAX for this runtime's accelerator (TPU, GPU or CPU), then xgen_small itself.
-import os, subprocess, sys
+# Colab only: JAX for this runtime's accelerator, xgen_small, and what this notebook imports besides. The runtime's
+# own JAX is asked which accelerator it sees (in a subprocess, so nothing is imported here yet); device files decide
+# when it cannot say (/dev/accel* or /dev/vfio for TPUs, nvidia-smi for GPUs).
+import glob, os, shutil, subprocess, sys
 if 'google.colab' in sys.modules:
-    accel = 'tpu' if 'COLAB_TPU_ADDR' in os.environ or os.path.exists('/dev/accel0') else 'cuda12' if os.path.exists('/dev/nvidia0') else 'cpu'
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{accel}]==0.10.2', 'fastcore==1.12.47',
+    probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'], capture_output=True, text=True)
+    backend = (probe.stdout.split() or [''])[-1] if probe.returncode == 0 else ''
+    if backend not in ('tpu', 'gpu', 'cpu'):
+        backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
+    jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %% [markdown]
@@ -160,11 +166,17 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
     for task in tasks:
         for L in lengths:
             samples = [ruler.make_sample(tok, task, L, seed + i, cfg, texts) for i in range(n)]
-            outs = []
-            for i in range(0, n, batch):
-                chunk = samples[i:i + batch]
-                outs += generate(model, [s.input_ids for s in chunk], max_new_tokens=chunk[0].max_new_tokens,
-                                 stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
+            outs = [None] * n
+            # batches of equal answer budgets: a sample's prompt plus its own budget is exactly L, and budgets differ
+            # within a task (variable-tracking names tokenise to different lengths)
+            groups = {}
+            for j in range(n): groups.setdefault(samples[j].max_new_tokens, []).append(j)
+            for budget, members in groups.items():
+                for i in range(0, len(members), batch):
+                    idx = members[i:i + batch]
+                    gen = generate(model, [samples[j].input_ids for j in idx], max_new_tokens=budget,
+                                   stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
+                    for j, o in zip(idx, gen): outs[j] = o
             texts_out = [tok.decode(o) for o in outs]
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]
             row = dict(task=task, length=L, n=n, exact=float(np.mean([s['exact'] for s in scores])),

@@ -10,7 +10,7 @@ from xgen_small.config import get_preset
 from xgen_small.evaluate import evaluate_ruler
 from xgen_small.extend import recall_accuracy, recall_prompt
 from xgen_small.rl import arithmetic_tasks, code_tasks, task_rewards
-from xgen_small.sft import chat, code_task, instruction_set, instruction_tokenizer, reply_accuracy
+from xgen_small.sft import chat, instruction_set, instruction_tokenizer, reply_accuracy
 from xgen_small.tokenizer import END_TURN, render_chat
 
 
@@ -19,8 +19,8 @@ def tok():
     return instruction_tokenizer()
 
 
-def _decoder(tok, script, fallback):
-    cfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=1024, compute_dtype='float32')
+def _decoder(tok, script, fallback, max_seq_len=1024):
+    cfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=max_seq_len, compute_dtype='float32')
     return ScriptedDecoder(cfg, {tuple(p): r for p, r in script}, fallback)
 
 
@@ -38,7 +38,8 @@ def test_ruler_oracle_scores_every_task(tok, task):
     L, n, seed = (1024 if task in ('cwe', 'fwe') else 256), 3, 0                   # word lists need room
     samples = [ruler.make_sample(tok, task, L, seed + i) for i in range(n)]          # what evaluate_ruler draws
     for answer, want in ((ruler.answer_text, 1.0), (lambda s: _wrong(ruler.answer_text(s)), 0.0)):
-        model = _decoder(tok, [(s.input_ids, tok.encode(answer(s)) + [tok.eos_id]) for s in samples], tok.eos_id)
+        # the model's context is exactly L, as at the last length of a run: every prompt + its own budget must fit
+        model = _decoder(tok, [(s.input_ids, tok.encode(answer(s)) + [tok.eos_id]) for s in samples], tok.eos_id, L)
         row, = evaluate_ruler(model, tok, (task,), (L,), n=n, seed=seed, batch=2)
         assert (row['exact'], row['recall']) == (want, want), (task, answer(samples[0]))
 
@@ -52,7 +53,7 @@ def test_passkey_recall_oracle(tok):
 
 
 def test_reply_accuracy_oracle(tok):
-    convs = instruction_set(12, seed=5)
+    convs = instruction_set(12, seed=5, split='test')
     end = tok.token_id(END_TURN)
     prompts = [render_chat(tok, c['messages'][:-1], add_generation_prompt=True).ids for c in convs]
     right = [c['messages'][-1]['content'] for c in convs]
@@ -69,8 +70,7 @@ def test_verifiable_rewards_through_the_chat_path(tok):
     tasks = arithmetic_tasks(6, split='test') + code_tasks(3)
     end = tok.token_id(END_TURN)
     prompts = [render_chat(tok, t['prompt'], add_generation_prompt=True).ids for t in tasks]
-    solutions = [f"The answer is {t['answer']}." for t in tasks[:6]] + \
-                [code_task(np.random.default_rng([0, i]))['solution'] for i in range(3)]
+    solutions = [f"The answer is {t['answer']}." for t in tasks[:6]] + [t['solution'] for t in tasks[6:]]
     wrong = [f"The answer is {int(t['answer']) + 1}." for t in tasks[:6]] + \
             [s.replace('return', 'return 1 +', 1) for s in solutions[6:]]
     for texts, want in ((solutions, 1.0), (wrong, 0.0)):

@@ -16,7 +16,7 @@ import numpy as np
 from .config import ConfigError, ModelConfig
 from .generate import Sampling, generate
 from .model import Decoder, model_with_params
-from .sft import PostConfig, PostResult, arithmetic_problem, epoch_indices, padded_rows, post_train
+from .sft import PostConfig, PostResult, arithmetic_problem, draw_in_split, epoch_indices, padded_rows, post_train
 from .tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% auto #0
@@ -50,12 +50,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
                                   reward_margin=jnp.mean(r_c - r_r), reward_accuracy=jnp.mean((r_c > r_r).astype(jnp.float32)))
 
 # %% ../nbs/22_dpo.ipynb #ee1454a2
-def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-') -> list[dict]:
-    "`n` pairs: an arithmetic question, the worked correct answer, and the same working with a wrong result."
+def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-', split: str | None = 'train') -> list[dict]:
+    """`n` pairs: an arithmetic question (from `split`, notebook 21's hash split), the worked correct answer, and the
+    same working with a wrong result."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        p = arithmetic_problem(rng, max_operand, ops)
+        p = draw_in_split(lambda r: arithmetic_problem(r, max_operand, ops), rng, split, 'arithmetic_pairs')
         wrong = int(p['answer']) + int(rng.choice([-2, -1, 1, 2]))
         bad = p['solution'].replace(f"= {p['answer']}.", f'= {wrong}.').replace(f"answer is {p['answer']}.", f'answer is {wrong}.')
         out.append(dict(prompt=[dict(role='user', content=p['question'])], chosen=p['solution'], rejected=bad, answer=p['answer']))

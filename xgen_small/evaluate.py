@@ -90,11 +90,17 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
     for task in tasks:
         for L in lengths:
             samples = [ruler.make_sample(tok, task, L, seed + i, cfg, texts) for i in range(n)]
-            outs = []
-            for i in range(0, n, batch):
-                chunk = samples[i:i + batch]
-                outs += generate(model, [s.input_ids for s in chunk], max_new_tokens=chunk[0].max_new_tokens,
-                                 stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
+            outs = [None] * n
+            # batches of equal answer budgets: a sample's prompt plus its own budget is exactly L, and budgets differ
+            # within a task (variable-tracking names tokenise to different lengths)
+            groups = {}
+            for j in range(n): groups.setdefault(samples[j].max_new_tokens, []).append(j)
+            for budget, members in groups.items():
+                for i in range(0, len(members), batch):
+                    idx = members[i:i + batch]
+                    gen = generate(model, [samples[j].input_ids for j in idx], max_new_tokens=budget,
+                                   stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
+                    for j, o in zip(idx, gen): outs[j] = o
             texts_out = [tok.decode(o) for o in outs]
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]
             row = dict(task=task, length=L, n=n, exact=float(np.mean([s['exact'] for s in scores])),

@@ -447,7 +447,7 @@ class Pipeline:
 
     def _sft(self, _):
         from xgen_small.sft import instruction_set, reply_accuracy, sft
-        tok, held = self.tokenizer(), instruction_set(64, seed=10_000)
+        tok, held = self.tokenizer(), instruction_set(64, seed=10_000, split='test')
         evaluate = lambda m: dict(reply_accuracy=reply_accuracy(m, tok, held), held_out_math=self.held_out_math(m))
         run = lambda p, mc, data, d: sft(p, mc, tok, data, self.cfg.sft, d, progress=self.progress)
         return self._post('sft', 'extend', run, instruction_set(self.cfg.sft_examples, seed=0, shares=self.cfg.sft_shares or None), evaluate)

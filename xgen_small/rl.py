@@ -25,8 +25,8 @@ from .config import ConfigError, ModelConfig
 from .dpo import token_logps
 from .generate import Sampling, generate
 from .model import Decoder, model_with_params
-from .sft import (PostConfig, PostResult, arithmetic_problem, code_task, every_arithmetic_problem, math_reward,
-                            padded_rows, post_train)
+from .sft import (PostConfig, PostResult, arithmetic_problem, code_task, draw_in_split, every_arithmetic_problem,
+                            math_reward, padded_rows, post_train, split_of)
 from .tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% auto #0
@@ -201,29 +201,25 @@ def code_reward(text: str, tests: Sequence, timeout: float = 5.0, sandbox: str |
     return r['passed'] / r['total']
 
 # %% ../nbs/23_rl.ipynb #c5fc8e87
-def _split_of(question: str) -> str:
-    import hashlib
-    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
-
 def arithmetic_tasks(n: int | None, seed: int = 0, split: str = 'train', max_operand: int = 10, ops: str = '+-') -> list[dict]:
     """`n` math tasks drawn from `split` ('train': ~3/4 of the questions, 'test': the rest) with a seed, or, with
     `n=None`, every question of the split once, in order."""
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     task = lambda p: dict(kind='math', prompt=[dict(role='user', content=p['question'])], answer=p['answer'])
-    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if _split_of(p['question']) == split]
+    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if split_of(p['question']) == split]
     out, i = [], 0
     while len(out) < n:
         p = arithmetic_problem(np.random.default_rng([seed, i]), max_operand, ops); i += 1
         if i > 1000 * (n + 10): raise ValueError(f"split {split!r} has too few questions for max_operand={max_operand}, ops={ops!r}")
-        if _split_of(p['question']) == split: out.append(task(p))
+        if split_of(p['question']) == split: out.append(task(p))
     return out
 
-def code_tasks(n: int, seed: int = 0) -> list[dict]:
-    "`n` function-writing tasks with their unit tests."
+def code_tasks(n: int, seed: int = 0, split: str | None = 'train') -> list[dict]:
+    "`n` function-writing tasks from `split` with their unit tests (and a reference `solution`, which no reward reads)."
     out = []
     for i in range(n):
-        t = code_task(np.random.default_rng([seed, i]))
-        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests']))
+        t = draw_in_split(code_task, np.random.default_rng([seed, i]), split, 'code_tasks')
+        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests'], solution=t['solution']))
     return out
 
 def check_tasks(tasks: Sequence[dict]) -> None:

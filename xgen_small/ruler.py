@@ -197,27 +197,29 @@ def _cwe(tok, rng, cfg, budget):
     q = f' Question: What are the {cfg.cwe_common} most common words in the above list? Answer: The top {cfg.cwe_common} words that appear most often in the list are:'
     return best, q, common
 
-def _fwe(tok, rng, cfg, budget):
-    "Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used."
+def _fwe(tok, rng, cfg, budget, tries: int = 20):
+    """Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used; redrawn (from the
+    same generator, so still a function of the seed) while the top `fwe_top` words tie with the next."""
     vocab = []
     while len(vocab) < 32:
         w = ''.join(chr(c) for c in rng.integers(97, 123, 5))
         if w not in vocab: vocab.append(w)
-    rank = rng.zipf(cfg.fwe_alpha, 4 * budget)
-    words = [vocab[r - 1] for r in rank if r <= len(vocab)]
-    lo, hi, best = 1, len(words), None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        ids = tok.encode(' ' + ' '.join(words[:mid]) + ' ...')
-        if len(ids) <= budget: best, lo = (ids, mid), mid + 1
-        else: hi = mid - 1
-    if best is None: raise ValueError(f"fwe: {budget} tokens cannot hold even one coded word")
-    ids, n = best
-    counts = {}
-    for w in words[:n]: counts[w] = counts.get(w, 0) + 1
-    ranked = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))
-    if len(ranked) > cfg.fwe_top and counts[ranked[cfg.fwe_top - 1]] == counts[ranked[cfg.fwe_top]]:
-        raise ValueError("fwe: the top words tie at this length; use another seed or a longer length")
+    for _ in range(tries):
+        rank = rng.zipf(cfg.fwe_alpha, 4 * budget)
+        words = [vocab[r - 1] for r in rank if r <= len(vocab)]
+        lo, hi, best = 1, len(words), None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ids = tok.encode(' ' + ' '.join(words[:mid]) + ' ...')
+            if len(ids) <= budget: best, lo = (ids, mid), mid + 1
+            else: hi = mid - 1
+        if best is None: raise ValueError(f"fwe: {budget} tokens cannot hold even one coded word")
+        ids, n = best
+        counts = {}
+        for w in words[:n]: counts[w] = counts.get(w, 0) + 1
+        ranked = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))
+        if len(ranked) <= cfg.fwe_top or counts[ranked[cfg.fwe_top - 1]] > counts[ranked[cfg.fwe_top]]: break
+    else: raise ValueError(f"fwe: the top words tied in {tries} draws at this length; use a longer length")
     q = f' Question: What are the {cfg.fwe_top} most frequently appeared words in the above coded text? Answer: According to the coded text above, the {cfg.fwe_top} most frequently appeared words are:'
     return ids, q, ranked[:cfg.fwe_top]
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -27,14 +28,14 @@ from .model import Decoder
 from .schedules import LRPhase, multi_phase_schedule
 from .sharding import MeshConfig, make_mesh
 from .tokenizer import END_TURN, Tokenizer, parse_chat, render_chat
-from .train import Checkpointer, TrainConfig, Trainer, TrainingDiverged, _checked_params
+from .train import Checkpointer, MetricsLog, TrainConfig, Trainer, TrainingDiverged, _checked_params
 
 # %% auto #0
-__all__ = ['DOMAINS', 'SYSTEM_PROMPT', 'ANSWER', 'CODE_TASKS', 'HARMFUL', 'HARMLESS', 'WORDS', 'CAPITALS', 'OPPOSITES',
+__all__ = ['DOMAINS', 'SYSTEM_PROMPT', 'ANSWER', 'CODE_TASKS', 'HARMFUL', 'HARMLESS', 'WORDS', 'CAPITALS', 'OPPOSITES', 'SPLITS',
            'arithmetic_problem', 'every_arithmetic_problem', 'extract_answer', 'math_reward', 'code_task',
-           'safety_example', 'general_example', 'instruction_set', 'Packed', 'pack_conversations', 'padded_rows',
-           'instruction_tokenizer', 'PostConfig', 'PostResult', 'make_step', 'post_train', 'SFTConfig', 'epoch_indices',
-           'sft', 'chat', 'reply_accuracy', 'random_params']
+           'safety_example', 'general_example', 'split_of', 'draw_in_split', 'instruction_set', 'Packed',
+           'pack_conversations', 'padded_rows', 'instruction_tokenizer', 'PostConfig', 'PostResult', 'make_step',
+           'post_train', 'SFTConfig', 'epoch_indices', 'sft', 'chat', 'reply_accuracy', 'random_params']
 
 # %% ../nbs/21_sft.ipynb #8da982c0
 DOMAINS = ('math', 'code', 'safety', 'general')
@@ -137,11 +138,26 @@ def general_example(rng) -> dict:
     return dict(question=f"What is the opposite of '{w}'?", solution=f"The opposite of '{w}' is '{o}'.")
 
 _GENERATORS = dict(math=arithmetic_problem, code=code_task, safety=safety_example, general=general_example)
+SPLITS = ('train', 'test')
 
-def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_sentence: float = 0.5) -> list[dict]:
+def split_of(question: str) -> str:
+    "'test' for about a quarter of all questions, chosen by a hash of the text, else 'train'; fixed for every seed."
+    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
+
+def draw_in_split(gen: Callable, rng, split: str | None, what: str) -> dict:
+    "The first example `gen(rng)` draws whose question lies in `split` (any, when None)."
+    if split is not None and split not in SPLITS: raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    for _ in range(10_000):
+        ex = gen(rng)
+        if split is None or split_of(ex['question']) == split: return ex
+    raise ValueError(f"{what}: no question in the {split!r} split")
+
+def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_sentence: float = 0.5,
+                    split: str | None = 'train') -> list[dict]:
     """`n` conversations `{'domain', 'messages', ...}` drawn from a seed, domains in proportion to `shares`
-    (default equal). A third carry the system prompt, so the model sees both forms. A share `answer_sentence` of the
-    math replies end with `The answer is N.`; the rest stop after the working, as mixed real data does."""
+    (default equal), questions from `split` ('train', 'test', or None for both). A third carry the system prompt, so the
+    model sees both forms. A share `answer_sentence` of the math replies end with `The answer is N.`; the rest stop
+    after the working, as mixed real data does."""
     shares = shares or {d: 1.0 for d in DOMAINS}
     bad = set(shares) - set(DOMAINS)
     if bad: raise ValueError(f"unknown domain(s) {sorted(bad)}; have {DOMAINS}")
@@ -151,7 +167,7 @@ def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_se
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         dom = names[int(rng.choice(len(names), p=p / p.sum()))]
-        ex = _GENERATORS[dom](rng)
+        ex = draw_in_split(_GENERATORS[dom], rng, split, f'instruction_set ({dom})')
         if dom == 'math' and rng.random() >= answer_sentence: ex['solution'] = ex['solution'].split(' The answer is')[0]
         msgs = ([dict(role='system', content=SYSTEM_PROMPT)] if rng.random() < 1 / 3 else []) + [
             dict(role='user', content=ex['question']), dict(role='assistant', content=ex['solution'])]
@@ -217,7 +233,7 @@ def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
     "A tokenizer trained on 600 sample-corpus documents plus 400 generated conversations: the one notebooks 21-23 use."
     from xgen_small.data.sample import load_sample
     from xgen_small.tokenizer import train_tokenizer
-    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1) for m in c['messages']]
+    texts = [d['text'] for d in load_sample()[:600]] + [m['content'] for c in instruction_set(400, seed=1, split=None) for m in c['messages']]
     return Tokenizer(train_tokenizer(texts, vocab_size))
 
 # %% ../nbs/21_sft.ipynb #8543aba8
@@ -309,7 +325,7 @@ def post_train(stage: str, tcfg: TrainConfig, params: dict, out_dir, batch_fn: C
                 ckpt.close()
                 raise ConfigError(f"{out_dir} holds a {saved.get('stage', 'pre-training')} checkpoint of another model or stage, "
                                   f"not this {stage} run; use a fresh directory")
-        history, end = [], tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
+        history, end, log = [], tcfg.steps if stop_at is None else min(stop_at, tcfg.steps), MetricsLog(out_dir, start)
         for step in tqdm(range(int(state['step']), end), initial=int(state['step']), total=tcfg.steps,
                          disable=not progress, desc=desc or stage, unit='step'):
             t0 = time.perf_counter()
@@ -318,13 +334,12 @@ def post_train(stage: str, tcfg: TrainConfig, params: dict, out_dir, batch_fn: C
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             m.update({k[1:]: v for k, v in batch.items() if k.startswith('_')}, step=step + 1, seconds=time.perf_counter() - t0)
             if not math.isfinite(m['loss']):
-                ckpt.close()
+                ckpt.close(); log.close()
                 raise TrainingDiverged(f"{stage}: loss is {m['loss']} at step {step + 1}; the last checkpoint is step {ckpt.latest()}")
-            history.append(m)
+            history.append(m); log.log(m)
             ckpt.save(step + 1, state, dict(step=step + 1), config, force=step + 1 == end)
-        ckpt.close()
+        ckpt.close(); log.close()
         params = jax.device_get(state['params'])
-    with (out_dir / 'history.jsonl').open('a') as f: f.writelines(json.dumps(h) + '\n' for h in history)
     return PostResult(params, tcfg.model, history)
 
 # %% ../nbs/21_sft.ipynb #1fb2ba65

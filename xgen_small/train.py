@@ -32,8 +32,8 @@ from .sharding import MeshConfig, data_sharding, logical_spec, make_mesh, zigzag
 
 # %% auto #0
 __all__ = ['TrainConfig', 'override_dict', 'apply_overrides', 'decay_mask', 'make_optimizer', 'token_losses', 'param_shardings',
-           'Trainer', 'flops_per_token', 'measured_peak_flops', 'Checkpointer', 'TrainingDiverged', 'TrainResult',
-           'train']
+           'Trainer', 'flops_per_token', 'measured_peak_flops', 'Checkpointer', 'MetricsLog', 'TrainingDiverged',
+           'TrainResult', 'train']
 
 # %% ../nbs/15_train.ipynb #41214165
 @dataclass(frozen=True)
@@ -280,6 +280,35 @@ class Checkpointer:
 
     def close(self): self.mngr.close()
 
+# %% ../nbs/15_train.ipynb #e23ee591
+class MetricsLog:
+    """Append each step's metrics to `out_dir/history.jsonl` and TensorBoard event files; `resume_step`: the checkpoint
+    resumed. Only the lead process writes."""
+    def __init__(self, out_dir, resume_step: int | None, tensorboard: bool = True):
+        self.path, self.file, self.writer = Path(out_dir) / 'history.jsonl', None, None
+        if jax.process_index() != 0: return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():                              # keep what the checkpoint covers, drop what will be redone
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= (resume_step or 0)]
+            tmp = self.path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); tmp.replace(self.path)
+        self.file = self.path.open('a')
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            # purge_step: TensorBoard drops this directory's older points from that step on (the redone steps)
+            self.writer = SummaryWriter(str(self.path.parent), flush_secs=10, purge_step=(resume_step or 0) + 1)
+
+    def log(self, m: dict):
+        if self.file is None: return
+        self.file.write(json.dumps(m) + '\n'); self.file.flush()
+        if self.writer is not None:
+            for k, v in m.items():
+                if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.writer.add_scalar(k, v, m['step'])
+
+    def close(self):
+        if self.file is not None: self.file.close()
+        if self.writer is not None: self.writer.close()
+
 # %% ../nbs/15_train.ipynb #5ce8e0fb
 class TrainingDiverged(RuntimeError):
     "The loss became NaN or infinite; the last checkpoint on disk predates it."
@@ -333,7 +362,7 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
             phase, loader_state = saved_loader['phase'], LoaderState.from_pytree(saved_loader['state'])
         loader = _loader_for(store, cfg, phase, loader_state)
         flops = flops_per_token(cfg.model, cfg.seq_len)
-        history, t_last, tok_last = [], time.perf_counter(), 0
+        history, t_last, tok_last, log = [], time.perf_counter(), 0, MetricsLog(out_dir, start)
         first = int(state['step'])
         bar = tqdm(range(first, steps), initial=first, total=steps, disable=not progress, desc='train', unit='step')
         for step in bar:
@@ -343,7 +372,7 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not math.isfinite(m['loss']):
                 last = ckpt.latest()
-                ckpt.close()
+                ckpt.close(); log.close()
                 raise TrainingDiverged(f"loss is {m['loss']} at step {step + 1}; stopped before saving. "
                                        f"The last good checkpoint is step {last} in {ckpt.dir}" if last is not None else
                                        f"loss is {m['loss']} at step {step + 1}; no checkpoint had been saved")
@@ -355,9 +384,8 @@ def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: i
                 m['mfu'] = m['tokens_per_s'] * flops / peak
                 t_last, tok_last = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:,.0f}")
-            history.append(m)
+            history.append(m); log.log(m)
             loader_doc = dict(phase=phase, state={k: int(v) for k, v in loader.state.to_pytree().items()})
             ckpt.save(step + 1, state, loader_doc, cfg.to_dict(), force=step + 1 == steps)
-        ckpt.close()
-    (Path(out_dir) / 'history.jsonl').open('a').writelines(json.dumps(h) + '\n' for h in history)
+        ckpt.close(); log.close()
     return TrainResult(state, history, tr)
