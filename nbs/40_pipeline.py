@@ -95,6 +95,7 @@ from fastcore.test import test_eq, test_fail, test_close
 from IPython.display import Markdown, Image
 import tempfile
 
+
 # %% [markdown]
 # ## One configuration for the whole run
 #
@@ -203,6 +204,7 @@ class PipelineConfig:
         "`['pretrain.batch_size=16', 'rl.steps=40']` applied, typed by the fields they replace."
         return PipelineConfig.from_dict(override_dict(self.to_dict(), pairs))
 
+
 # %% [markdown]
 # The `cpu` preset's numbers were chosen by timing each stage on a 2-core machine, so that the whole run stays well
 # under 15 minutes: the table at the end of this notebook shows where the time goes. Pre-training has 160 steps of
@@ -263,6 +265,7 @@ def scale_steps(c: PipelineConfig, s: float) -> PipelineConfig:
     return replace(c, pretrain=replace(c.pretrain, schedule=_scaled_schedule(c.pretrain.schedule, s)),
                    extension=replace(c.extension, stages=tuple(post(st) for st in c.extension.stages)),
                    sft=post(c.sft), dpo=post(c.dpo), rl=post(c.rl))
+
 
 # %%
 cfg = pipeline_config('cpu')
@@ -349,6 +352,7 @@ def fingerprints(cfg: PipelineConfig) -> dict:
         out[s] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
 
+
 # %%
 fp = fingerprints(cfg)
 changed = fingerprints(cfg.with_overrides(['pretrain.schedule.0.peak_lr=0.001']))
@@ -356,6 +360,7 @@ print({s: 'same' if fp[s] == changed[s] else 'changed' for s in STAGES})
 test_eq([s for s in STAGES if fp[s] != changed[s]], ['pretrain', 'extend', 'sft', 'dpo', 'rl', 'eval', 'report'])
 test_eq([s for s in STAGES if fp[s] != fingerprints(cfg.with_overrides(['rl.lr=0.001']))[s]], ['rl', 'eval', 'report'])
 test_eq(fingerprints(cfg), fp)                                                                      # deterministic
+
 
 # %% [markdown]
 # `plan` is what `xgen-small run --dry-run` prints: each training stage's steps, rows x length, tokens, and the mesh
@@ -386,6 +391,7 @@ def plan(cfg: PipelineConfig, n_devices: int | None = None) -> str:
     out += [f'| {s} | {k:,} | {b:,} x {L:,} | {k * b * L:.2e} | {m} |' for s, k, b, L, m in rows]
     return '\n'.join(out)
 
+
 # %%
 Markdown(plan(pipeline_config('xgen_4b'), n_devices=128))
 
@@ -398,6 +404,7 @@ Markdown(plan(cfg, n_devices=8))
 # %%
 test_eq(plan(cfg, 8).count('does not fit'), 0)
 test_eq('does not fit' in plan(pipeline_config('xgen_4b'), 256), True)      # notebook 45: the xgen recipe's sequence degrees stop at 128 chips
+
 
 # %% [markdown]
 # ## The runner
@@ -664,6 +671,7 @@ class Pipeline:
         (d / 'summary.md').write_text(report_markdown(self, sums, figures))
         return dict(figures=figures, model=str(d / 'model'))
 
+
 # %% [markdown]
 # ## The report
 #
@@ -812,6 +820,7 @@ def report_markdown(p: Pipeline, sums: dict, figures=()) -> str:
           '`transformers.LlamaForCausalLM.from_pretrained("model/hf")`',
           '- `model/tokenizer.model`: the sentencepiece model (`xgen_small.tokenizer.Tokenizer`)', '']
     return '\n'.join(L)
+
 
 # %% [markdown]
 # ## A quick pass through every stage
@@ -982,7 +991,7 @@ for f in full_sums['report']['figures']: display(Image(filename=str(full_dir / '
 test_eq(set(full.status().values()), {'done'})
 pt, sf = full_sums['pretrain'], full_sums['sft']
 assert pt['final_loss'] < pt['first_loss'] - 2, pt                                   # pre-training learns
-assert sf['after']['reply_accuracy']['all'] > sf['before']['reply_accuracy']['all'] + 0.3, sf  # SFT teaches the chat form
+assert sf['final_loss'] < 0.25 * sf['first_loss'] and sf['after']['held_out_math'] > 0, sf  # SFT fits; held-out math above 0
 ppl = json.loads((full_dir / 'eval' / 'results.json').read_text())['perplexity']
 assert ppl['extend'][3]['loss'] < ppl['pretrain'][3]['loss'], ppl                    # the extended model uses long context
 test_eq(len(full_sums['report']['figures']), 4)
@@ -1002,13 +1011,16 @@ test_eq(len(full_sums['report']['figures']), 4)
 # - **Pre-training** takes the loss from 8.3 (uniform over 4,096 pieces) to about 4.9 in 160 steps.
 # - **Extension** lowers the loss on long documents at *late* positions far below the pre-trained model's (the
 #   loss-by-position table in `summary.md`): the extended model uses context the pre-trained one cannot.
-# - **SFT** teaches the chat form: right replies on held-out generated conversations go from 0% to about half
-#   (code and safety replies mostly right, general-knowledge and arithmetic mostly not).
-# - **DPO** (with the chosen reply's NLL, as notebook 22 found necessary) moves held-out arithmetic from 0% to about
-#   15%; **RL** at this budget does not move it further (5 of 35 questions before and after; the batch reward stays
-#   near 0.07). Notebook 23 shows RL working when it starts from a math-focused SFT and gets 60 steps; at 30 steps
-#   after a four-domain SFT too few sampled groups contain a right answer for GRPO to have a signal. We report it
-#   rather than tune the preset until the table looks good.
+# - **SFT** fits its four-domain conversations (loss from about 6.7 to 0.4), but on 64 held-out conversations, whose
+#   questions it never trained on, right replies go only from 0% to about 2%, and held-out arithmetic from 0% to about
+#   11%. (Until every generated family was split by question, this line read "0% to about half": the held-out set
+#   shared most of its questions with the training set.)
+# - **DPO** (with the chosen reply's NLL) leaves held-out arithmetic where SFT left it (about 11%; the pairs'
+#   reward accuracy reaches about 60%); **RL** at this budget moves it a little (to about 14%, one question more than
+#   DPO's five; the batch reward stays near 0.05). Notebook 23 shows RL doing more (0% -> 31% greedy) when it starts
+#   from a math-only SFT and gets 60 steps; at 30 steps after a four-domain SFT too few sampled groups contain a right
+#   answer for GRPO to have a signal. We report it rather than tune the preset until the table looks good; making the
+#   report show each of the paper's effects is issue 21.
 # - **RULER** is 0 everywhere, before and after extension: the tiny model on this budget does not retrieve needles
 #   at any length. The side demo (`benchmarks/long_context_demo.py`, notebook 20) does lift passkey at 4x the
 #   pre-training length from 6% to 100%, with a retrieval bootstrap and 320/320/160 extension steps where this preset
