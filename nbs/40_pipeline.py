@@ -1001,9 +1001,10 @@ test_eq(len(full_sums['report']['figures']), 4)
 # device) took 700 s for the stages, 11 min 45 s with start-up: curate 64 s (of which ~40 s train the default
 # quality ensemble), pre-training 222 s, extension 123 s, SFT 51 s, DPO 23 s, RL 75 s, evaluation 139 s (RULER's
 # 7 tasks x 4 lengths x 5 samples is 86 s of it). With 8 simulated devices sharing the same two cores, as in this
-# notebook, the sequence-parallel extension stages are slower: an earlier run of this cell took 804 s, and the run
-# committed above 1,322 s, on the same machine while it was busier (its disk and CPU are shared). Timings on a
-# shared 2-core machine vary that much; the proportions between stages are the useful part.
+# notebook, the sequence-parallel extension stages are slower: runs of this cell have taken from 580 s to 1,322 s
+# (the committed one prints its own time above), on the same machine, depending on what else it was doing (its disk
+# and CPU are shared). Timings on a shared 2-core machine vary that much; the proportions between stages are the
+# useful part.
 #
 # What a quarter hour buys the 1.8M-parameter model, read from the report above:
 #
