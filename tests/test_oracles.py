@@ -72,7 +72,7 @@ def test_verifiable_rewards_through_the_chat_path(tok):
     prompts = [render_chat(tok, t['prompt'], add_generation_prompt=True).ids for t in tasks]
     solutions = [f"The answer is {t['answer']}." for t in tasks[:6]] + [t['solution'] for t in tasks[6:]]
     wrong = [f"The answer is {int(t['answer']) + 1}." for t in tasks[:6]] + \
-            [s.replace('return', 'return 1 +', 1) for s in solutions[6:]]
+            [s.replace('return', 'return None and', 1) for s in solutions[6:]]      # None: wrong for every test
     for texts, want in ((solutions, 1.0), (wrong, 0.0)):
         model = _decoder(tok, [(p, tok.encode(s) + [end]) for p, s in zip(prompts, texts)], end)
         replies = chat(model, tok, [t['prompt'] for t in tasks], 64)

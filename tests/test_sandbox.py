@@ -17,13 +17,13 @@ TESTS = ['add_k(1) == 4', 'add_k(-3) == 0', 'add_k(10) == 13']
 GOOD = 'def add_k(x):\n    return x + 3\n'
 
 
-def run(code, tests, timeout=2.0):
+def run(code, tests, timeout=5.0):
     # never run this battery outside the sandbox: unsandboxed, as root, it deletes and kills what it aims at
     if rl.sandbox_mode() != 'bwrap': pytest.fail('the hostile battery runs only inside bubblewrap')
     return run_tests(code, tests, timeout=timeout)
 
 
-def reward(code, tests=TESTS, timeout=2.0):
+def reward(code, tests=TESTS, timeout=5.0):
     r = run(code, tests, timeout=timeout)
     assert 0 <= r['passed'] <= r['total'] == len(tests)
     return r['passed'] / r['total']
@@ -175,7 +175,7 @@ def test_nothing_outlives_the_sandbox(tail):
     code = (f'import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0: os.execv("/bin/sleep", ["sleep", "{marker}"])\n'
             f'    os._exit(0)\n{GOOD}{tail}\n')
     expected = 1.0 if not tail else 0.0                # exits normally (honest share) or is killed at the timeout
-    assert reward(code, timeout=1.5) == expected
+    assert reward(code, timeout=1.5 if tail else 10.0) == expected
     time.sleep(0.2)
     assert survivors(f'sleep {marker}') == []
 

@@ -283,22 +283,29 @@ class Checkpointer:
 # %% ../nbs/15_train.ipynb #e23ee591
 class MetricsLog:
     """Append each step's metrics to `out_dir/history.jsonl` and TensorBoard event files; `resume_step`: the checkpoint
-    resumed. Only the lead process writes."""
+    resumed. Only the lead process writes, and nothing is touched until the first step is logged (a finished run that
+    is asked to resume leaves its files as they were)."""
     def __init__(self, out_dir, resume_step: int | None, tensorboard: bool = True):
-        self.path, self.file, self.writer = Path(out_dir) / 'history.jsonl', None, None
-        if jax.process_index() != 0: return
+        self.path, self.resume_step, self.tensorboard = Path(out_dir) / 'history.jsonl', resume_step or 0, tensorboard
+        self.file = self.writer = None
+        self.active = jax.process_index() == 0
+
+    def _open(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():                              # keep what the checkpoint covers, drop what will be redone
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get('step', 0) <= (resume_step or 0)]
-            tmp = self.path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); tmp.replace(self.path)
+            lines = self.path.read_text().splitlines()
+            keep = [l for l in lines if l.strip() and json.loads(l).get('step', 0) <= self.resume_step]
+            if len(keep) != len(lines):
+                tmp = self.path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); tmp.replace(self.path)
         self.file = self.path.open('a')
-        if tensorboard:
+        if self.tensorboard:
             from tensorboardX import SummaryWriter
             # purge_step: TensorBoard drops this directory's older points from that step on (the redone steps)
-            self.writer = SummaryWriter(str(self.path.parent), flush_secs=10, purge_step=(resume_step or 0) + 1)
+            self.writer = SummaryWriter(str(self.path.parent), flush_secs=10, purge_step=self.resume_step + 1)
 
     def log(self, m: dict):
-        if self.file is None: return
+        if not self.active: return
+        if self.file is None: self._open()
         self.file.write(json.dumps(m) + '\n'); self.file.flush()
         if self.writer is not None:
             for k, v in m.items():
