@@ -227,8 +227,9 @@ def _bwrap_binary() -> str | None:
         return str(bwrap_path())
     except Exception: return shutil.which('bwrap')
 
-def _bwrap_argv(bwrap: str) -> list:
-    "bubblewrap's arguments: system directories and the interpreter read-only, nothing else of the host visible."
+@lru_cache(maxsize=None)
+def _bwrap_argv(bwrap: str) -> tuple:
+    "bubblewrap's arguments (built once): system directories and the interpreter read-only, nothing else of the host."
     python = os.path.realpath(sys.executable)
     argv = [bwrap, '--unshare-ipc', '--unshare-pid', '--unshare-net', '--unshare-uts', '--unshare-cgroup-try',
             '--die-with-parent', '--new-session', '--clearenv', '--setenv', 'PATH', '/usr/bin:/bin', '--setenv', 'HOME', '/tmp']
@@ -243,10 +244,10 @@ def _bwrap_argv(bwrap: str) -> list:
         for i in range(1, len(parts)):                       # the parents exist and can be walked (an empty 0755 dir)
             argv += ['--perms', '0755', '--dir', '/' + '/'.join(parts[:i])]
         argv += ['--ro-bind', root, root]
-    return argv + ['--proc', '/proc', '--dev', '/dev', '--size', str(16 << 20), '--tmpfs', '/tmp', '--chdir', '/tmp',
-                   '--', python, '-I', '-S', '-c', _HARNESS]
+    return tuple(argv + ['--proc', '/proc', '--dev', '/dev', '--size', str(16 << 20), '--tmpfs', '/tmp', '--chdir', '/tmp',
+                         '--', python, '-I', '-S', '-c', _HARNESS])
 
-def _run_harness(argv: list, job: dict, timeout: float) -> tuple[str, list | None]:
+def _run_harness(argv: Sequence, job: dict, timeout: float) -> tuple[str, list | None]:
     "Run the harness; `(status, values or None)`. Reads at most 1 MB of its output; kills the whole group on timeout."
     with tempfile.TemporaryDirectory() as d:
         out_path, work = os.path.join(d, 'out'), os.path.join(d, 'work')
@@ -437,7 +438,9 @@ def task_rewards(tasks: Sequence[dict], texts: Sequence[str], timeout: float = 5
                  workers: int | None = None) -> list[float]:
     "`task_reward` for each (task, text) pair, code rewards run `workers` sandboxes at a time (default: one per core)."
     if len(tasks) != len(texts): raise ValueError(f"{len(tasks)} tasks but {len(texts)} texts")
-    if any(t.get('kind') == 'code' for t in tasks): sandbox_mode(sandbox)          # refuse before starting anything
+    if not any(t.get('kind') == 'code' for t in tasks):                             # cheap checks: no threads needed
+        return [task_reward(t, x, timeout, sandbox) for t, x in zip(tasks, texts)]
+    sandbox_mode(sandbox)                                                           # refuse before starting anything
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda tt: task_reward(tt[0], tt[1], timeout, sandbox), zip(tasks, texts)))
