@@ -42,7 +42,9 @@ print(json.dumps(out))
 
 
 def measure(T, impl, budget_mib, timeout=3600):
-    r = subprocess.run([sys.executable, '-c', CHILD, str(T), impl, str(budget_mib)], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, '-c', CHILD, str(T), impl, str(budget_mib)], capture_output=True, text=True, timeout=timeout
+    )
     if r.returncode: return dict(error=r.stderr.strip().splitlines()[-1][:120])
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -50,7 +52,9 @@ def measure(T, impl, budget_mib, timeout=3600):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true')
-    ap.add_argument('--budget-gib', type=float, default=8.0, help='do not run configurations whose compiled scratch exceeds this')
+    ap.add_argument(
+        '--budget-gib', type=float, default=8.0, help='do not run configurations whose compiled scratch exceeds this'
+    )
     a = ap.parse_args(argv)
     sizes = [256] if a.quick else [1024, 4096, 16384, 32768]
     impls = ['xla', 'blockwise', 'flash', 'splash']
@@ -66,7 +70,10 @@ def main(argv=None):
             if 'error' in r: print(f'{T:>7} {impl:10} error: {r["error"]}'); continue
             peak = f"{r['peak_rss_mib']:>13,.0f}" if 'peak_rss_mib' in r else f"{'not run':>13}"
             step = f"{r['step_s']:>8.2f}" if 'step_s' in r else f"{'-':>8}"
-            print(f"{T:>7} {impl:10} {r['compiled_mib']:>13,.0f} {peak} {step}" + ('  (interpret mode)' if interpret else ''))
+            print(
+                f"{T:>7} {impl:10} {r['compiled_mib']:>13,.0f} {peak} {step}"
+                + ('  (interpret mode)' if interpret else '')
+            )
     blockwise = {r['tokens']: r for r in rows if r['impl'] == 'blockwise' and 'peak_rss_mib' in r}
     longest = max(blockwise)
     print(f"\nlongest blockwise step: {longest} tokens, peak RSS {blockwise[longest]['peak_rss_mib'] / 1024:.2f} GiB "

@@ -18,7 +18,7 @@ def main(argv=None):
     ap.add_argument('--quick', action='store_true', help='8 completions per row')
     ap.add_argument('--n', type=int, default=96)
     a = ap.parse_args(argv)
-    from xgen_small.rl import code_tasks, sandbox_mode, task_rewards
+    from xgen_small.tasks import code_tasks, sandbox_mode, task_rewards
 
     n = 8 if a.quick else a.n
     tasks = code_tasks(n, seed=0)

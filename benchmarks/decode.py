@@ -49,7 +49,10 @@ def main(argv=None):
     repeats = 1 if a.quick else 3
     print(f'decode benchmark: preset {a.preset}, greedy, float32; {platform.processor() or platform.machine()}, '
           f'{os.cpu_count()} CPUs, jax {jax.__version__}, torch {torch.__version__}')
-    print(f"{'batch':>5} {'prompt':>6} {'new':>5} | {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} | same tokens")
+    print(
+        f"{'batch':>5} {'prompt':>6} {'new':>5} | {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6} | same "
+        "tokens"
+    )
     rows = []
     rng = np.random.default_rng(0)
     for batch, prompt_len, new in cases:
@@ -64,7 +67,10 @@ def main(argv=None):
         same = np.mean(np.asarray(out_ours.tokens) == out_hf[:, prompt_len:].numpy())
         r = dict(batch=batch, prompt=prompt_len, new=new, ours=batch * new / t_ours, hf=batch * new / t_hf, same=same)
         rows.append(r)
-        print(f"{batch:>5} {prompt_len:>6} {new:>5} | {r['ours']:>11,.0f} {r['hf']:>19,.0f} {r['ours'] / r['hf']:>5.1f}x | {same:.1%}")
+        print(
+            f"{batch:>5} {prompt_len:>6} {new:>5} | {r['ours']:>11,.0f} {r['hf']:>19,.0f} "
+            f"{r['ours'] / r['hf']:>5.1f}x | {same:.1%}"
+        )
     return rows
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 @contextlib.contextmanager
 def _quiet():
     "Silence stdout/stderr at the file-descriptor level (also for loguru handlers bound to the original streams)."
-    import os, sys
+    import os
+    import sys
     sys.stdout.flush(); sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     null = os.open(os.devnull, os.O_WRONLY)
@@ -40,22 +41,35 @@ def _quiet():
 
 def _datatrove_clusters(docs, work: Path, bands: int, rows: int, norm_numbers: bool):
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
-                                                   MinhashDedupSignature)
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.utils.text import TextNormConfig
     work = work / f'numbers-{norm_numbers}'
     src = work / 'input'; src.mkdir(parents=True)
     with open(src / 'docs.jsonl', 'w') as f:
         for d in docs: f.write(json.dumps({'id': d['id'], 'text': d['text']}) + '\n')
-    cfg = MinhashConfig(n_grams=5, num_buckets=bands, hashes_per_bucket=rows, norm_config=TextNormConfig(norm_numbers=norm_numbers))
+    cfg = MinhashConfig(
+        n_grams=5, num_buckets=bands, hashes_per_bucket=rows, norm_config=TextNormConfig(norm_numbers=norm_numbers)
+    )
     kw = dict(logging_dir=str(work / 'logs'), skip_completed=False, workers=1)
     t0 = time.perf_counter()
     with _quiet():   # datatrove logs every task and stage
-        LocalPipelineExecutor([JsonlReader(str(src)), MinhashDedupSignature(str(work / 'sigs'), config=cfg)], tasks=1, **kw).run()
-        LocalPipelineExecutor([MinhashDedupBuckets(str(work / 'sigs'), str(work / 'buckets'), config=cfg)], tasks=bands, **kw).run()
-        LocalPipelineExecutor([MinhashDedupCluster(str(work / 'buckets'), str(work / 'clusters'), config=cfg, save_cluster_id=True)],
-                              tasks=1, **kw).run()
+        LocalPipelineExecutor(
+            [JsonlReader(str(src)), MinhashDedupSignature(str(work / 'sigs'), config=cfg)], tasks=1, **kw
+        ).run()
+        LocalPipelineExecutor(
+            [MinhashDedupBuckets(str(work / 'sigs'), str(work / 'buckets'), config=cfg)], tasks=bands, **kw
+        ).run()
+        LocalPipelineExecutor(
+            [MinhashDedupCluster(str(work / 'buckets'), str(work / 'clusters'), config=cfg, save_cluster_id=True)],
+            tasks=1,
+            **kw,
+        ).run()
     elapsed = time.perf_counter() - t0
     clusters = {}
     path = work / 'clusters' / '000000.clusters'
@@ -110,7 +124,10 @@ def main(argv=None):
             r = dict(system=name, docs_per_s=len(docs) / elapsed, f1_planted=sp['f1'], f1_jaccard=sj['f1'],
                      precision=sj['precision'], recall=sj['recall'])
             rows_out.append(r)
-            print(f"{name:30} {r['docs_per_s']:>8,.0f} | {sp['f1']:>10.3f} {sj['f1']:>10.3f} | {sj['precision']:>5.3f}/{sj['recall']:<6.3f}")
+            print(
+                f"{name:30} {r['docs_per_s']:>8,.0f} | {sp['f1']:>10.3f} {sj['f1']:>10.3f} | "
+                f"{sj['precision']:>5.3f}/{sj['recall']:<6.3f}"
+            )
     if a.json: print(json.dumps(rows_out))
     return rows_out
 

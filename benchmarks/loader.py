@@ -21,10 +21,12 @@ def main(argv=None):
     ap.add_argument('--batch', type=int, default=8)
     a = ap.parse_args(argv)
     import gzip
+
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from xgen_small.config import get_preset
     from xgen_small.data.curate import CurateConfig, curate
     from xgen_small.data.loader import Loader, LoaderConfig, build_token_store
@@ -35,7 +37,13 @@ def main(argv=None):
     L, B = (128, 4) if a.quick else (a.seq_len, a.batch)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        res = curate(sample_shards()[:1 if a.quick else None], tmp / 'c', CurateConfig(workers=1), quality_model=None, progress=False)
+        res = curate(
+            sample_shards()[: 1 if a.quick else None],
+            tmp / 'c',
+            CurateConfig(workers=1),
+            quality_model=None,
+            progress=False,
+        )
         texts = [json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')]
         tok = Tokenizer(train_tokenizer(texts, vocab_size=4096))
         store = build_token_store(res.kept_paths, tok, tmp / 's', plan=res.summary['mixture'])

@@ -30,14 +30,16 @@ from xgen_small.config import get_preset
 from xgen_small.data.sample import load_sample
 from xgen_small.evaluate import evaluate_ruler
 from xgen_small.extend import recall_prompt
-from xgen_small.model import Decoder, model_with_params
+from xgen_small.model import Decoder, model_with_params, params_of
 from xgen_small.tokenizer import Tokenizer, train_tokenizer
 
 
 def make_doc(kind: str, tok: Tokenizer, rng, i: int, seq: int, minlen: int, alphabet) -> tuple[list, list]:
     "One document's ids and a 0/1 mask of its answer tokens."
     if kind == 'niah':
-        s = ruler.make_sample(tok, 'niah_single', int(rng.integers(minlen, seq)), 10_000_000 + i, ruler.RulerConfig(digits=5))
+        s = ruler.make_sample(
+            tok, 'niah_single', int(rng.integers(minlen, seq)), 10_000_000 + i, ruler.RulerConfig(digits=5)
+        )
         ans = tok.encode(ruler.answer_text(s))
         return s.input_ids + ans, [0] * len(s.input_ids) + [1] * len(ans)
     if kind == 'recall':
@@ -54,7 +56,10 @@ def batches(a, tok, alphabet, seed: int = 1):
     "Rows of `a.seq` tokens packed with whole documents (a document that does not fit starts the next row)."
     rng, i, carry = np.random.default_rng(seed), seed * 10_000_000, None
     while True:
-        X = np.zeros((a.rows, a.seq + 1), np.int32); S = np.zeros_like(X); P = np.zeros_like(X); M = np.zeros(X.shape, np.float32)
+        X = np.zeros((a.rows, a.seq + 1), np.int32)
+        S = np.zeros_like(X)
+        P = np.zeros_like(X)
+        M = np.zeros(X.shape, np.float32)
         for r in range(a.rows):
             n, seg = 0, 1
             while n < a.seq + 1:
@@ -65,7 +70,14 @@ def batches(a, tok, alphabet, seed: int = 1):
                 X[r, n:n + k] = ids[:k]; S[r, n:n + k] = seg; P[r, n:n + k] = np.arange(k); M[r, n:n + k] = am[:k]
                 n += k; seg += 1
         same = ((S[:, :-1] == S[:, 1:]) & (S[:, 1:] > 0)).astype(np.float32)
-        yield dict(inputs=X[:, :-1], targets=X[:, 1:], positions=P[:, :-1], segment_ids=S[:, :-1], weight=same, ans=M[:, 1:] * same)
+        yield dict(
+            inputs=X[:, :-1],
+            targets=X[:, 1:],
+            positions=P[:, :-1],
+            segment_ids=S[:, :-1],
+            weight=same,
+            ans=M[:, 1:] * same,
+        )
 
 
 @nnx.jit
@@ -75,7 +87,10 @@ def train_step(model, opt, b):
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, b['targets'])
         hit = logits.argmax(-1) == b['targets']
         n_ans = jnp.maximum(b['ans'].sum(), 1.0)
-        return (ce * b['weight']).sum() / b['weight'].sum(), ((ce * b['ans']).sum() / n_ans, (hit * b['ans']).sum() / n_ans)
+        return (ce * b['weight']).sum() / b['weight'].sum(), (
+            (ce * b['ans']).sum() / n_ans,
+            (hit * b['ans']).sum() / n_ans,
+        )
     (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
     return loss, aux
@@ -88,7 +103,8 @@ def main(argv=None) -> dict:
     ap.add_argument('--rows', type=int, default=16); ap.add_argument('--seq', type=int, default=256)
     ap.add_argument('--b2', type=float, default=0.95); ap.add_argument('--wd', type=float, default=0.0)
     ap.add_argument('--layers', type=int, default=4); ap.add_argument('--minlen', type=int, default=96)
-    ap.add_argument('--eval-every', type=int, default=100); ap.add_argument('--n', type=int, default=16, help='passkey prompts per length')
+    ap.add_argument('--eval-every', type=int, default=100)
+    ap.add_argument('--n', type=int, default=16, help='passkey prompts per length')
     ap.add_argument('--save', default=None, help='write the final parameters (orbax) here')
     ap.add_argument('--init', default=None, help='start from parameters saved with --save')
     ap.add_argument('--seed', type=int, default=0, help='model initialisation and data order')
@@ -107,14 +123,20 @@ def main(argv=None) -> dict:
         loss, (ans_loss, ans_acc) = train_step(model, opt, {k: jnp.asarray(v) for k, v in next(it).items()})
         if s % a.eval_every == 0 or s == a.steps:
             log.append(dict(step=s, loss=float(loss), answer_loss=float(ans_loss), answer_acc=float(ans_acc)))
-            print(f"step {s:>5}  loss {float(loss):.3f}  answer loss {float(ans_loss):.3f}  answer accuracy {float(ans_acc):.2f}  "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+            print(
+                f"step {s:>5}  loss {float(loss):.3f}  answer loss {float(ans_loss):.3f}  answer accuracy "
+                f"{float(ans_acc):.2f}  "
+                f"({time.time() - t0:.0f}s)",
+                flush=True,
+            )
     rows = evaluate_ruler(model, tok, ('niah_single',), (256, 512, 1024), n=a.n, cfg=ruler.RulerConfig(digits=5))
     out = dict(args=dict(vars(a)), log=log, passkey={r['length']: r['exact'] for r in rows},
                seconds=round(time.time() - t0))
     print(json.dumps({k: out[k] for k in ('passkey', 'seconds')}), flush=True)
     if a.save:
-        ocp.PyTreeCheckpointer().save(Path(a.save).absolute(), jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))), force=True)
+        ocp.PyTreeCheckpointer().save(
+            Path(a.save).absolute(), jax.device_get(params_of(model)), force=True
+        )
     return out
 
 

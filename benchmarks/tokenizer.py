@@ -57,12 +57,17 @@ def main(argv=None):
     except (ImportError, ValueError) as e:
         print(f'(tiktoken cl100k_base not available: {e})')
 
-    print(f'{len(texts):,} documents, {n_bytes / 1e6:.1f} MB; our tokenizer trained on 600 documents in {train_s:.1f}s\n')
+    print(
+        f'{len(texts):,} documents, {n_bytes / 1e6:.1f} MB; our tokenizer trained on 600 documents in {train_s:.1f}s\n'
+    )
     print('| system | vocab | MB/s | tokens/s | bytes/token | same ids as reference | exact round trip |')
     print('|---|---:|---:|---:|---:|---:|---:|')
     for r in rows:
         f = lambda v: '' if v is None else f'{v:.0%}'
-        print(f"| {r['system']} | {r['vocab']:,} | {r['mb_s']:.1f} | {r['tok_s']:,.0f} | {r['bytes_per_token']:.2f} | {f(r['same_ids'])} | {f(r['round_trip'])} |")
+        print(
+            f"| {r['system']} | {r['vocab']:,} | {r['mb_s']:.1f} | {r['tok_s']:,.0f} | {r['bytes_per_token']:.2f} | "
+            f"{f(r['same_ids'])} | {f(r['round_trip'])} |"
+        )
     if a.json: print(json.dumps(rows))
     return rows
 

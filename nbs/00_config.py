@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Configs
 #
-# > Frozen dataclasses that describe a decoder: the `tiny` CPU preset, the 4B and 9B shapes, and Llama `config.json` interop.
+# > Frozen config dataclasses with one JSON and override helper; model presets and Llama `config.json` interop.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/00_config.ipynb)
 
@@ -57,11 +57,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+# %%
+from fastcore.test import test_close, test_eq, test_fail
 
 
 # %%
@@ -76,9 +77,158 @@ ATTENTION_IMPLS = ('auto', 'xla', 'blockwise', 'flash', 'splash', 'seq_ring', 's
 
 def resolve_dtype(name: str):
     "The `jnp` dtype for `name`; `'auto'` means bfloat16 on TPU/GPU and float32 on CPU."
+    import jax  # here, not at the top: the data modules' worker processes use `Config` without JAX
+    import jax.numpy as jnp
     if name == 'auto': return jnp.dtype('bfloat16' if jax.default_backend() in ('tpu', 'gpu') else 'float32')
     if name not in DTYPES: raise ConfigError(f"unknown dtype {name!r}; expected one of {DTYPES + ('auto',)}")
     return jnp.dtype(name)
+
+
+# %% [markdown]
+# ## One way to read, write and override every config
+#
+# Every settings object in the package (the model, the mesh, a training run, a curation run, each
+# post-training method, the whole pipeline) is a frozen dataclass that derives from `Config`, so all of
+# them behave the same way: `to_dict` gives the JSON form that checkpoints and run directories store;
+# `from_dict` rebuilds the object from it, nested configs included, and refuses a field the class does
+# not have (a typo in a config file is an error naming the field, never a silently ignored key);
+# `replace` is `dataclasses.replace` with the same check; and `with_overrides` applies the command
+# line's dotted `field=value` pairs (`pretrain.schedule.0.peak_lr=1e-3`), each value read as the type of
+# what it replaces. Field annotations drive the rebuilding: a field annotated with a config class, or
+# with `tuple[SomeConfig, ...]`, is rebuilt as one; JSON's lists become tuples again, so a config read
+# back equals (and hashes like) the one that was written.
+
+# %%
+#| export
+def _deep_tuple(x):
+    return tuple(_deep_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+def _rebuild(hint, value, what: str):
+    "`value` (JSON-shaped) as the annotated type `hint` wants it."
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type) and not isinstance(value, hint):
+        return config_from_dict(hint, value, what)
+    if (hint is tuple or typing.get_origin(hint) is tuple) and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis and dataclasses.is_dataclass(args[0]):
+            return tuple(v if isinstance(v, args[0]) else config_from_dict(args[0], v, f'{what}.{i}')
+                         for i, v in enumerate(value))
+        return _deep_tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool): return float(value)
+    return value
+
+def config_from_dict(cls, d, what: str | None = None):
+    "A `cls` dataclass from its dict form: nested configs rebuilt, unknown fields a `ConfigError` naming them."
+    what = what or cls.__name__
+    if not isinstance(d, dict): raise ConfigError(f"{what}: expected an object of {cls.__name__} fields, got {d!r}")
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(d) - set(fields))
+    if unknown: raise ConfigError(f"{what}: {cls.__name__} has no field(s) {unknown}; its fields are {fields}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in d
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing: raise ConfigError(f"{what}: {cls.__name__} needs field(s) {missing}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _rebuild(hints.get(k), v, f'{what}.{k}') for k, v in d.items()})
+
+def config_to_dict(cfg) -> dict:
+    "The JSON form of a config dataclass (nested configs as dicts, tuples as lists, paths as strings)."
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+def _typed(key: str, old, raw: str):
+    "`raw` read as the type of the value it replaces (a list: comma-separated, typed by its first element)."
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ('1', '0', 'true', 'false'): raise ValueError(raw)
+            return raw.lower() in ('1', 'true')
+        if isinstance(old, dict):                           # a free-form mapping: give it as JSON
+            v = json.loads(raw)
+            if not isinstance(v, dict): raise ValueError(raw)
+            return v
+        if isinstance(old, list):
+            kind = type(old[0]) if old else str
+            return [_typed(key, kind(), x.strip()) for x in raw.split(',') if x.strip()]
+        if old is None:                                     # an unset optional field: a JSON value, else the text
+            try: return json.loads(raw)
+            except json.JSONDecodeError: return raw
+        return type(old)(raw)
+    except ValueError: raise ConfigError(f"{key}: cannot read {raw!r} as {type(old).__name__}"
+                                         + (' (give a JSON object)' if isinstance(old, dict) else '')) from None
+
+def override_dict(d: dict, pairs) -> dict:
+    "A copy of the config dict `d` with `['a.b=1', 'schedule.0.peak_lr=1e-3']` applied, typed by what they replace."
+    d = json.loads(json.dumps(d))
+    for pair in pairs:
+        key, sep, raw = pair.partition('=')
+        if not sep: raise ConfigError(f"override {pair!r} must look like field=value")
+        *parents, leaf = key.split('.')
+        node = d
+        for p in parents:
+            node = (node[int(p)] if isinstance(node, list) and p.isdigit() and int(p) < len(node) else
+                    node.get(p) if isinstance(node, dict) else None)
+            if node is None: raise ConfigError(f"no config field {key!r}")
+        if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+            node[int(leaf)] = _typed(key, node[int(leaf)], raw)
+        elif isinstance(node, dict) and leaf in node: node[leaf] = _typed(key, node[leaf], raw)
+        else: raise ConfigError(f"no config field {key!r}")
+    return d
+
+class Config:
+    "Base of every config dataclass: JSON round trips, unknown-field errors, validated copies, dotted overrides."
+    def to_dict(self) -> dict: return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, what: str | None = None): return config_from_dict(cls, d, what)
+
+    @classmethod
+    def load(cls, path):
+        "Read a JSON config file (the CLI's `--config`); unknown fields are an error."
+        try: d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e: raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, str(path))
+
+    def replace(self, **changes):
+        "A validated copy with `changes` applied (unknown field names raise)."
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown: raise ConfigError(f"{type(self).__name__} has no field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, pairs):
+        "`['a.b=1', 'schedule.0.peak_lr=1e-3']` applied, each value typed by the field it replaces."
+        return type(self).from_dict(override_dict(self.to_dict(), pairs))
+
+
+# %% [markdown]
+# A small example: a config holding another one and a tuple of a third.
+
+# %%
+@dataclass(frozen=True)
+class _Phase(Config):
+    name: str
+    lr: float = 1e-3
+
+@dataclass(frozen=True)
+class _Run(Config):
+    phases: tuple[_Phase, ...] = (_Phase('warmup'), _Phase('main', 3e-3))
+    sizes: tuple = (1, (2, 3))
+    note: str | None = None
+
+run = _Run()
+print(run.to_dict())
+print(run.with_overrides(['phases.1.lr=1e-2', 'note=first try']))
+
+# %%
+test_eq(_Run.from_dict(run.to_dict()), run)
+test_eq(hash(_Run.from_dict(json.loads(json.dumps(run.to_dict())))), hash(run))    # lists read back as tuples
+test_eq(run.with_overrides(['phases.1.lr=1e-2']).phases[1], _Phase('main', 1e-2))
+test_eq(run.with_overrides(['sizes=4,5']).sizes, (4, 5))
+test_eq(run.with_overrides(['note=7']).note, 7)                                    # an unset field: read as JSON
+test_fail(lambda: _Run.from_dict({'phase': []}), contains="has no field(s) ['phase']")
+test_fail(lambda: _Run.from_dict({'phases': [{'name': 'a', 'lr': 1, 'lrr': 2}]}), contains='_Run.phases.0')
+test_fail(lambda: run.with_overrides(['phases.2.lr=1']), contains="no config field 'phases.2.lr'")
+test_fail(lambda: run.with_overrides(['phases.0.lr=fast']), contains="cannot read 'fast' as float")
+test_fail(lambda: run.replace(phase=()), contains='phase')
+test_eq(override_dict({'lengths': [512, 1024]}, ['lengths=256, 2048'])['lengths'], [256, 2048])
+test_eq(override_dict({'shares': {}}, ['shares={"math": 2}'])['shares'], {'math': 2})
+test_fail(lambda: override_dict({'shares': {}}, ['shares=math']), contains='give a JSON object')
 
 
 # %% [markdown]
@@ -107,7 +257,7 @@ def _positive(cfg, *names):
             raise ConfigError(f"{type(cfg).__name__}.{n} must be a positive number, got {v!r}")
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     "Shape and numerics of a Llama-style decoder. Validated at construction; immutable afterwards."
     vocab_size: int = 4096
     d_model: int = 128           # hidden size
@@ -139,17 +289,22 @@ class ModelConfig:
                 'rope_original_max_len', 'attn_block_q', 'attn_block_kv')
         for n in ints:
             v = getattr(self, n)
-            if isinstance(v, bool) or not isinstance(v, int): raise ConfigError(f"ModelConfig.{n} must be an int, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"ModelConfig.{n} must be an int, got {v!r}")
         _positive(self, *ints, 'rope_theta', 'rope_factor', 'norm_eps', 'init_std',
                   'rope_low_freq_factor', 'rope_high_freq_factor')
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            raise ConfigError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"ModelConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.param_dtype not in DTYPES:
             raise ConfigError(f"ModelConfig.param_dtype: unknown dtype {self.param_dtype!r}; expected one of {DTYPES}")
         if self.compute_dtype not in DTYPES + ('auto',):
-            raise ConfigError(f"ModelConfig.compute_dtype: unknown dtype {self.compute_dtype!r}; expected one of {DTYPES + ('auto',)}")
+            raise ConfigError(
+                f"ModelConfig.compute_dtype: unknown dtype {self.compute_dtype!r}; expected one of {DTYPES + ('auto',)}"
+            )
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ConfigError(f"ModelConfig.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
         if self.rope_scaling == 'llama3' and self.rope_high_freq_factor <= self.rope_low_freq_factor:
@@ -157,9 +312,12 @@ class ModelConfig:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ConfigError(f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ConfigError(
+                f"ModelConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
+            )
         for n in ('tie_embeddings', 'scan_layers'):
-            if not isinstance(getattr(self, n), bool): raise ConfigError(f"ModelConfig.{n} must be a bool, got {getattr(self, n)!r}")
+            if not isinstance(getattr(self, n), bool):
+                raise ConfigError(f"ModelConfig.{n} must be a bool, got {getattr(self, n)!r}")
 
     @property
     def q_per_kv(self) -> int: return self.n_heads // self.n_kv_heads
@@ -168,12 +326,6 @@ class ModelConfig:
     @property
     def compute_jnp_dtype(self): return resolve_dtype(self.compute_dtype)
 
-    def replace(self, **changes) -> ModelConfig:
-        "A validated copy with `changes` applied (unknown field names raise)."
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown: raise ConfigError(f"ModelConfig has no field(s) {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_hf(cls, src, **overrides) -> ModelConfig:
         "From a Llama-format `config.json` (dict, file or checkpoint directory); see `config_from_hf`."
@@ -181,13 +333,6 @@ class ModelConfig:
     def to_hf(self, **extra) -> dict:
         "A Llama-format `config.json` dict; see `config_to_hf`."
         return config_to_hf(self, **extra)
-
-    def to_dict(self) -> dict: return dataclasses.asdict(self)
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown: raise ConfigError(f"ModelConfig has no field(s) {sorted(unknown)}")
-        return cls(**d)
 
 
 # %% [markdown]
@@ -200,7 +345,6 @@ try: ModelConfig(head_dim=33)
 except ConfigError as e: print(e)
 
 # %%
-from fastcore.test import test_eq, test_fail, test_close
 test_fail(lambda: ModelConfig(n_heads=6, n_kv_heads=4), contains='n_kv_heads')
 test_fail(lambda: ModelConfig(head_dim=33), contains='head_dim')
 test_fail(lambda: ModelConfig(d_model=0), contains='d_model')
@@ -336,11 +480,19 @@ def config_from_hf(src, **overrides) -> ModelConfig:
     if hf.get('pretraining_tp', 1) != 1: raise ConfigError("config.json: pretraining_tp != 1 is not supported")
     n_heads = hf['num_attention_heads']
     fields = dict(
-        vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=hf['num_hidden_layers'], n_heads=n_heads,
-        n_kv_heads=hf.get('num_key_value_heads') or n_heads, head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
-        d_ff=hf['intermediate_size'], max_seq_len=hf.get('max_position_embeddings', 2048),
-        norm_eps=float(hf.get('rms_norm_eps', 1e-6)), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-        init_std=float(hf.get('initializer_range', 0.02)), **_rope_from_hf(hf))
+        vocab_size=hf['vocab_size'],
+        d_model=hf['hidden_size'],
+        n_layers=hf['num_hidden_layers'],
+        n_heads=n_heads,
+        n_kv_heads=hf.get('num_key_value_heads') or n_heads,
+        head_dim=hf.get('head_dim') or hf['hidden_size'] // n_heads,
+        d_ff=hf['intermediate_size'],
+        max_seq_len=hf.get('max_position_embeddings', 2048),
+        norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
+        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+        init_std=float(hf.get('initializer_range', 0.02)),
+        **_rope_from_hf(hf),
+    )
     return ModelConfig(**{**fields, **overrides})
 
 def config_to_hf(cfg: ModelConfig, **extra) -> dict:

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # The sample corpus
 #
-# > A small multi-domain corpus with known labels, shipped with the package: real prose and Python source, generated math, and planted spam, boilerplate, gibberish and duplicates, so that every curation step's effect can be measured.
+# > The shipped multi-domain sample corpus, with planted junk and duplicates whose labels are known.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/01_data_sample.ipynb)
 
@@ -191,9 +191,12 @@ def _problem(rng: random.Random) -> str:
     if kind == 2:
         price, pct = rng.randint(20, 500), rng.choice([5, 10, 15, 20, 25, 30, 40, 50])
         off = price * pct / 100
-        return (f"A jacket costs ${price}. It is on sale for {pct}% off. What is the sale price?\n"
-                f"The discount is {pct}% of {price} = {off:g} dollars, so the sale price is {price} - {off:g} = {price - off:g} dollars.\n"
-                f"Answer: {price - off:g}")
+        return (
+            f"A jacket costs ${price}. It is on sale for {pct}% off. What is the sale price?\n"
+            f"The discount is {pct}% of {price} = {off:g} dollars, so the sale price is {price} - {off:g} = "
+            f"{price - off:g} dollars.\n"
+            f"Answer: {price - off:g}"
+        )
     if kind == 3:
         w, h = rng.randint(2, 30), rng.randint(2, 30)
         return (f"A rectangle is {w} cm wide and {h} cm tall. Find its area and perimeter.\n"
@@ -202,14 +205,20 @@ def _problem(rng: random.Random) -> str:
     if kind == 4:
         import math
         a, b = rng.randint(10, 400), rng.randint(10, 400)
-        return (f"Find the greatest common divisor of {a} and {b}.\nBy the Euclidean algorithm, gcd({a}, {b}) = {math.gcd(a, b)}.\n"
-                f"Answer: {math.gcd(a, b)}")
+        return (
+            f"Find the greatest common divisor of {a} and {b}.\nBy the Euclidean algorithm, gcd({a}, {b}) = "
+            f"{math.gcd(a, b)}.\n"
+            f"Answer: {math.gcd(a, b)}"
+        )
     if kind == 5:
         r1, r2 = rng.randint(-9, 9), rng.randint(-9, 9)
         b, c = -(r1 + r2), r1 * r2
-        return (f"Solve x^2 {'+' if b >= 0 else '-'} {abs(b)}x {'+' if c >= 0 else '-'} {abs(c)} = 0.\n"
-                f"The polynomial factors as (x {'-' if r1 >= 0 else '+'} {abs(r1)})(x {'-' if r2 >= 0 else '+'} {abs(r2)}), so x = {min(r1, r2)} or x = {max(r1, r2)}.\n"
-                f"Answer: {sorted({r1, r2})}")
+        return (
+            f"Solve x^2 {'+' if b >= 0 else '-'} {abs(b)}x {'+' if c >= 0 else '-'} {abs(c)} = 0.\n"
+            f"The polynomial factors as (x {'-' if r1 >= 0 else '+'} {abs(r1)})(x {'-' if r2 >= 0 else '+'} "
+            f"{abs(r2)}), so x = {min(r1, r2)} or x = {max(r1, r2)}.\n"
+            f"Answer: {sorted({r1, r2})}"
+        )
     if kind == 6:
         n, a1, d = rng.randint(5, 40), rng.randint(1, 20), rng.randint(1, 9)
         total = n * (2 * a1 + (n - 1) * d) // 2
@@ -226,7 +235,9 @@ def math_documents(rng: random.Random, n: int = 260) -> list[dict]:
     for _ in range(n):
         k = rng.randint(3, 8)
         text = '\n\n'.join(f'Problem {i + 1}. ' + _problem(rng) for i in range(k))
-        docs.append(dict(text=text, source='generated math', domain='math', license=OURS, label='clean', quality='high'))
+        docs.append(
+            dict(text=text, source='generated math', domain='math', license=OURS, label='clean', quality='high')
+        )
     return docs
 
 
@@ -297,9 +308,12 @@ def web_documents(rng: random.Random, prose: list[dict]) -> list[dict]:
     add(lambda: title() + '\n\n' + '\n\n'.join(rng.sample(paras, rng.randint(2, 5))), 'clean', 'high', 260)
     def spam():
         p = rng.choice(_PRODUCTS)
-        lines = [f'BEST {p.upper()} ONLINE!!! Buy cheap {p} now at http://{p.replace(" ", "-")}-{rng.randint(1, 99)}.example.com',
-                 f'{p} {p} {p} discount {p} free shipping {p} best price {p}',
-                 f'Click here >>> http://deals{rng.randint(1, 999)}.example.net/{p.replace(" ", "")} <<< LIMITED OFFER']
+        lines = [
+            f'BEST {p.upper()} ONLINE!!! Buy cheap {p} now at '
+            f'http://{p.replace(" ", "-")}-{rng.randint(1, 99)}.example.com',
+            f'{p} {p} {p} discount {p} free shipping {p} best price {p}',
+            f'Click here >>> http://deals{rng.randint(1, 999)}.example.net/{p.replace(" ", "")} <<< LIMITED OFFER',
+        ]
         return '\n'.join(rng.choice(lines) for _ in range(rng.randint(8, 30)))
     add(spam, 'spam', 'low', 80)
     def boilerplate():
@@ -334,21 +348,47 @@ def code_junk(rng: random.Random) -> list[dict]:
     import base64
     docs = []
     for _ in range(25):
-        rows = ',\n'.join('    (' + ', '.join(str(rng.randint(0, 65535)) for _ in range(12)) + ')' for _ in range(rng.randint(150, 400)))
-        docs.append(dict(text=f'# This file is auto-generated by gen_tables.py. DO NOT EDIT.\nTABLE = [\n{rows}\n]\n', label='autogen'))
+        rows = ',\n'.join(
+            '    (' + ', '.join(str(rng.randint(0, 65535)) for _ in range(12)) + ')'
+            for _ in range(rng.randint(150, 400))
+        )
+        docs.append(
+            dict(
+                text=f'# This file is auto-generated by gen_tables.py. DO NOT EDIT.\nTABLE = [\n{rows}\n]\n',
+                label='autogen',
+            )
+        )
     for _ in range(20):
-        body = ';'.join(f'v{i}=lambda a,b:(a*{rng.randint(1, 9)}+b)%{rng.randint(7, 99)}' for i in range(rng.randint(150, 400)))
+        body = ';'.join(
+            f'v{i}=lambda a,b:(a*{rng.randint(1, 9)}+b)%{rng.randint(7, 99)}' for i in range(rng.randint(150, 400))
+        )
         docs.append(dict(text=body + '\n', label='minified'))
     for _ in range(20):
         blob = base64.b64encode(rng.randbytes(rng.randint(3000, 9000))).decode()
-        docs.append(dict(text=f'DATA = (\n' + '\n'.join(f'    "{blob[i:i + 76]}"' for i in range(0, len(blob), 76)) + '\n)\n', label='blob'))
+        docs.append(
+            dict(
+                text=f'DATA = (\n' + '\n'.join(f'    "{blob[i : i + 76]}"' for i in range(0, len(blob), 76)) + '\n)\n',
+                label='blob',
+            )
+        )
     return [dict(d, domain='code', source='generated code junk', license=OURS, quality='low') for d in docs]
 
 def math_junk(rng: random.Random) -> list[dict]:
     "Symbol soup that looks like math to a regular expression."
     sym = list('=+-*/^()[]{}<>|\\~') + ['\\frac', '\\sum', '\\int', 'x', 'y', '\\alpha']
-    return [dict(text=' '.join(rng.choice(sym) + str(rng.randint(0, 99)) * rng.randint(0, 1) for _ in range(rng.randint(80, 300))),
-                 domain='math', source='generated symbol soup', license=OURS, label='gibberish', quality='low') for _ in range(25)]
+    return [
+        dict(
+            text=' '.join(
+                rng.choice(sym) + str(rng.randint(0, 99)) * rng.randint(0, 1) for _ in range(rng.randint(80, 300))
+            ),
+            domain='math',
+            source='generated symbol soup',
+            license=OURS,
+            label='gibberish',
+            quality='low',
+        )
+        for _ in range(25)
+    ]
 
 
 # %% [markdown]
@@ -398,7 +438,13 @@ def plant_duplicates(docs: list[dict], rng: random.Random, n_exact=60, n_normali
         kind = 'exact' if g < n_exact else 'normalized' if g < n_exact + n_normalized else 'near'
         d['dup_kind'] = 'original'
         for _ in range(rng.choice([1, 1, 1, 2, 3])):
-            text = d['text'] if kind == 'exact' else _normalized_copy(d['text'], rng) if kind == 'normalized' else _near_copy(d['text'], rng, vocab)
+            text = (
+                d['text']
+                if kind == 'exact'
+                else _normalized_copy(d['text'], rng)
+                if kind == 'normalized'
+                else _near_copy(d['text'], rng, vocab)
+            )
             copies.append(dict(d, text=text, dup_kind=kind, source=d['source'] + f' ({kind} copy)'))
     return copies
 
@@ -416,7 +462,9 @@ def build_sample_corpus(seed: int = 0) -> list[dict]:
     "Every document of the sample corpus, in shard order, with ids and labels."
     rng = random.Random(seed)
     prose = prose_documents(rng)
-    docs = prose + web_documents(rng, prose) + code_documents(rng) + code_junk(rng) + math_documents(rng) + math_junk(rng)
+    docs = (
+        prose + web_documents(rng, prose) + code_documents(rng) + code_junk(rng) + math_documents(rng) + math_junk(rng)
+    )
     for d in docs: d.setdefault('dup_group', None); d.setdefault('dup_kind', None)
     docs += plant_duplicates(docs, rng)
     rng.shuffle(docs)
@@ -449,8 +497,15 @@ def provenance(docs: list[dict]) -> str:
     "A Markdown account of where every document came from, under which licence."
     def group(src: str) -> str:
         src = src.split(' (')[0]
-        return ('CPython Lib/*.py source' if src.startswith('Lib/') else 'CPython module docstrings' if src.endswith(' docstring')
-                else 'CPython pydoc_data/topics.py' if src.startswith('pydoc_data') else src)
+        return (
+            'CPython Lib/*.py source'
+            if src.startswith('Lib/')
+            else 'CPython module docstrings'
+            if src.endswith(' docstring')
+            else 'CPython pydoc_data/topics.py'
+            if src.startswith('pydoc_data')
+            else src
+        )
     by = Counter((d['domain'], group(d['meta']['source']), d['meta']['license']) for d in docs)
     rows = '\n'.join(f'| {dom} | {src} | {lic} | {n} |' for (dom, src, lic), n in sorted(by.items()))
     return f"""# Sample corpus provenance

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Heuristic filters
 #
-# > Small, composable document filters in the spirit of the Gopher, C4 and FineWeb rules, plus spam and code rules: each takes its thresholds as keyword arguments and returns `None` (keep) or a reason tag.
+# > Gopher, C4, FineWeb, spam and code rules as small filters that return a reason tag, chained per domain.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/02_data_filters.ipynb)
 
@@ -91,7 +91,8 @@ _OPERATOR = re.compile(r'^[:=!<>]{2,}$')
 _UNIT = re.compile(r'^(\d+(?:[.,]\d+)?)([a-zA-Z]{1,3})$')
 
 def split_words(text: str) -> list[str]:
-    "English words and punctuation tokens of `text`, split the way spaCy's rule-based English tokenizer does in common cases."
+    "English words and punctuation tokens of `text`, split the way spaCy's rule-based English tokenizer does in "
+    "common cases."
     out = []
     for chunk in text.split():
         bare = chunk.rstrip(')]}>"\',.;:!?')
@@ -177,18 +178,28 @@ def gopher_bullet_lines(doc, *, max_ratio: float = 0.9) -> str | None:
     "More than `max_ratio` of lines start with a bullet (Gopher)."
     lines = _stats(doc).lines
     if not lines: return None
-    return 'gopher.bullet_lines' if sum(l.lstrip().startswith(('•', '-')) for l in lines) / len(lines) > max_ratio else None
+    return (
+        'gopher.bullet_lines'
+        if sum(l.lstrip().startswith(('•', '-')) for l in lines) / len(lines) > max_ratio
+        else None
+    )
 
 def gopher_ellipsis_lines(doc, *, max_ratio: float = 0.3) -> str | None:
     "More than `max_ratio` of lines end with an ellipsis (Gopher)."
     lines = _stats(doc).lines
     if not lines: return None
-    return 'gopher.ellipsis_lines' if sum(l.rstrip().endswith(('...', '…')) for l in lines) / len(lines) > max_ratio else None
+    return (
+        'gopher.ellipsis_lines'
+        if sum(l.rstrip().endswith(('...', '…')) for l in lines) / len(lines) > max_ratio
+        else None
+    )
 
 def gopher_alpha_words(doc, *, min_ratio: float = 0.8) -> str | None:
     "Fewer than `min_ratio` of words contain an alphabetic character (Gopher)."
     ws = _stats(doc).words
-    return 'gopher.few_alpha_words' if ws and sum(any(c.isalpha() for c in w) for w in ws) / len(ws) < min_ratio else None
+    return (
+        'gopher.few_alpha_words' if ws and sum(any(c.isalpha() for c in w) for w in ws) / len(ws) < min_ratio else None
+    )
 
 def gopher_stop_words(doc, *, min_count: int = 2, stop_words=GOPHER_STOP_WORDS) -> str | None:
     "Fewer than `min_count` distinct stop words: probably not running English text (Gopher)."
@@ -306,12 +317,18 @@ def c4_lorem_ipsum(doc) -> str | None:
 def fineweb_line_punctuation(doc, *, min_ratio: float = 0.12) -> str | None:
     "Fewer than `min_ratio` of non-empty lines end in terminal punctuation (FineWeb)."
     lines = _stats(doc).nonempty_lines
-    return 'fineweb.line_punctuation' if lines and sum(l.rstrip().endswith(TERMINAL) for l in lines) / len(lines) < min_ratio else None
+    return (
+        'fineweb.line_punctuation'
+        if lines and sum(l.rstrip().endswith(TERMINAL) for l in lines) / len(lines) < min_ratio
+        else None
+    )
 
 def fineweb_short_lines(doc, *, max_ratio: float = 0.67, short: int = 30) -> str | None:
     "More than `max_ratio` of non-empty lines are shorter than `short` characters (FineWeb)."
     lines = _stats(doc).nonempty_lines
-    return 'fineweb.short_lines' if lines and sum(len(l.strip()) < short for l in lines) / len(lines) > max_ratio else None
+    return (
+        'fineweb.short_lines' if lines and sum(len(l.strip()) < short for l in lines) / len(lines) > max_ratio else None
+    )
 
 def fineweb_list_ratio(doc, *, max_ratio: float = 0.3) -> str | None:
     "More than `max_ratio` newlines per word: a list, not prose (FineWeb)."
@@ -324,7 +341,11 @@ BOILERPLATE = re.compile(r'(?i)privacy policy|terms of (use|service)|cookie|all 
 def boilerplate_lines(doc, *, max_ratio: float = 0.3) -> str | None:
     "More than `max_ratio` of non-empty lines are navigation, footer or cookie-banner lines."
     lines = _stats(doc).nonempty_lines
-    return 'boilerplate.lines' if lines and sum(bool(BOILERPLATE.search(l)) for l in lines) / len(lines) > max_ratio else None
+    return (
+        'boilerplate.lines'
+        if lines and sum(bool(BOILERPLATE.search(l)) for l in lines) / len(lines) > max_ratio
+        else None
+    )
 
 SPAM_PHRASES = re.compile(r'(?i)buy (cheap|now)|click here|free shipping|limited (time )?offer|best price|'
                           r'casino|viagra|\bloans?\b.*\bfast\b|act now|100% free|make money')
@@ -339,7 +360,8 @@ def spam_signals(doc, *, max_upper: float = 0.3, max_urls_per_100_words: float =
     if len(re.findall(r'https?://|www\.', s.text)) * 100 / n_words > max_urls_per_100_words: return 'spam.links'
     if len(SPAM_PHRASES.findall(s.text)) > max_phrases: return 'spam.phrases'
     content = [w.lower() for w in s.content_words if w.lower() not in GOPHER_STOP_WORDS and len(w) > 2]
-    if len(content) >= 50 and Counter(content).most_common(1)[0][1] / len(content) > max_top_word: return 'spam.keyword_stuffing'
+    if len(content) >= 50 and Counter(content).most_common(1)[0][1] / len(content) > max_top_word:
+        return 'spam.keyword_stuffing'
     return None
 
 
@@ -437,11 +459,19 @@ class FilterChain:
         return [getattr(f, 'func', f).__name__ for f in self.chains[domain]]
 
 def default_filters(**overrides) -> FilterChain:
-    "The default chains; `overrides` maps a filter name to threshold keywords, e.g. `gopher_word_count={'min_words': 20}`."
+    "The default chains; `overrides` maps a filter name to threshold keywords, e.g. `gopher_word_count={'min_words': "
+    "20}`."
     overrides = {'gopher_alpha_words': {'min_ratio': 0.5}, **overrides}
     prose = [c4_lorem_ipsum, *GOPHER_QUALITY, *GOPHER_REPETITION]
     web = [*prose, fineweb_line_punctuation, fineweb_short_lines, fineweb_list_ratio, boilerplate_lines, spam_signals]
-    code = [code_autogenerated, code_line_lengths, code_min_lines, code_alnum_fraction, code_numeric_fraction, code_encoded_data]
+    code = [
+        code_autogenerated,
+        code_line_lengths,
+        code_min_lines,
+        code_alnum_fraction,
+        code_numeric_fraction,
+        code_encoded_data,
+    ]
     math = [math_min_words, math_symbol_soup, gopher_dup_lines]
     known = {f.__name__ for f in web + code + math}
     unknown = set(overrides) - known

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Quality classifiers
 #
-# > The report's two-stage quality assessment: a cheap hashed n-gram classifier over every document, then an ensemble of diverse scorers over what the first stage keeps, combined into one score.
+# > The two-stage quality ensemble: a hashed n-gram classifier, then char LR, trigram LM and an MLP, stacked.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/03_data_quality.ipynb)
 
@@ -55,7 +55,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from xgen_small.data.filters import GOPHER_STOP_WORDS, default_filters
+from xgen_small.data.filters import GOPHER_STOP_WORDS
+
+
+# %%
+from xgen_small.data.filters import default_filters
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -190,7 +194,8 @@ class SparseLogReg:
 #| export
 @dataclass
 class TrigramLM:
-    "Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram model."
+    "Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram "
+    "model."
     discount: float = 0.75
     max_tokens: int = 5000
 
@@ -211,7 +216,8 @@ class TrigramLM:
         d = self.discount
         p = p1 = (self.c1[w] + 1) / (self.n + self.v)                                # add-one unigram floor
         if self.ctx1[b]: p = max(self.c2[(b, w)] - d, 0) / self.ctx1[b] + d * self.fan1[b] / self.ctx1[b] * p
-        if self.ctx2[(a, b)]: p = max(self.c3[(a, b, w)] - d, 0) / self.ctx2[(a, b)] + d * self.fan2[(a, b)] / self.ctx2[(a, b)] * p
+        if self.ctx2[(a, b)]:
+            p = max(self.c3[(a, b, w)] - d, 0) / self.ctx2[(a, b)] + d * self.fan2[(a, b)] / self.ctx2[(a, b)] * p
         return math.log(p), math.log(p1)
 
     def score(self, text: str) -> float:
@@ -219,7 +225,9 @@ class TrigramLM:
         predictable, independently of how rare the vocabulary is (technical words, code identifiers)."""
         ws = ['<s>', '<s>'] + tokens(text)[:self.max_tokens]
         if len(ws) == 2: return 0.0
-        return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (len(ws) - 2)
+        return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (
+            len(ws) - 2
+        )
 
 
 # %% [markdown]
@@ -239,15 +247,28 @@ def doc_stats(text: str, lm: TrigramLM) -> np.ndarray:
     n = max(len(words), 1)
     half = len(words) // 2
     a, b = Counter(words[:half]), Counter(words[half:])
-    cos = sum(a[k] * b[k] for k in a) / (math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values())) or 1.0)
+    cos = sum(a[k] * b[k] for k in a) / (
+        math.sqrt(sum(v * v for v in a.values()) * sum(v * v for v in b.values())) or 1.0
+    )
     lines = [l for l in text.splitlines() if l.strip()] or ['']
     letters = [c for c in text if c.isalpha()] or ['a']
-    return np.array([
-        math.log1p(len(words)), sum(map(len, words)) / n, sum(w in GOPHER_STOP_WORDS for w in words) / n,
-        (len(t) - len(words)) / max(len(t), 1), sum(c.isdigit() for c in text) / max(len(text), 1),
-        sum(c.isupper() for c in letters) / len(letters), len(set(words)) / n,
-        len(set(words[:200])) / max(min(len(words), 200), 1), sum(l.rstrip().endswith(('.', '!', '?', ':')) for l in lines) / len(lines),
-        lm.score(text), cos, math.log1p(len(lines))], np.float32)
+    return np.array(
+        [
+            math.log1p(len(words)),
+            sum(map(len, words)) / n,
+            sum(w in GOPHER_STOP_WORDS for w in words) / n,
+            (len(t) - len(words)) / max(len(t), 1),
+            sum(c.isdigit() for c in text) / max(len(text), 1),
+            sum(c.isupper() for c in letters) / len(letters),
+            len(set(words)) / n,
+            len(set(words[:200])) / max(min(len(words), 200), 1),
+            sum(l.rstrip().endswith(('.', '!', '?', ':')) for l in lines) / len(lines),
+            lm.score(text),
+            cos,
+            math.log1p(len(lines)),
+        ],
+        np.float32,
+    )
 
 class TinyMLP(nnx.Module):
     "Features -> 32 hidden units (GELU) -> one logit."
@@ -308,7 +329,10 @@ class QualityModel:
         return np.stack([char, mlp, lm], axis=1)
 
     def stage2_scores(self, docs, s1: np.ndarray) -> np.ndarray:
-        z = np.concatenate([self.stage2_components(docs), _logit(s1)[:, None]], axis=1) @ self.stacker[:-1] + self.stacker[-1]
+        z = (
+            np.concatenate([self.stage2_components(docs), _logit(s1)[:, None]], axis=1) @ self.stacker[:-1]
+            + self.stacker[-1]
+        )
         return 1 / (1 + np.exp(-z))
 
     def classify(self, docs) -> list[tuple[float, str | None]]:
@@ -344,7 +368,8 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     train = [d for d in docs if split_of(d) == 'train']; val = [d for d in docs if split_of(d) == 'val']
     for name, part in (('train', train), ('validation', val)):
         labels = {d['meta']['quality'] for d in part}
-        if labels != {'high', 'low'}: raise ValueError(f"the {name} split needs both 'high' and 'low' documents, has {sorted(labels)}")
+        if labels != {'high', 'low'}:
+            raise ValueError(f"the {name} split needs both 'high' and 'low' documents, has {sorted(labels)}")
     y = lambda part: np.array([d['meta']['quality'] == 'high' for d in part], np.float32)
     stage1 = SparseLogReg().fit([word_ngram_features(d['text'], d['domain']) for d in train], y(train))
     char_lr = SparseLogReg().fit([char_ngram_features(d['text'], d['domain']) for d in train], y(train))
@@ -356,7 +381,10 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     # stacker: logistic regression on the validation split's component scores
     xv = np.concatenate([model.stage2_components(val), _logit(model.stage1_scores(val))[:, None]], axis=1)
     yv, sw = jnp.asarray(y(val)), jnp.asarray(_balanced_weights(y(val)))
-    loss = lambda p: jnp.mean(sw * optax.sigmoid_binary_cross_entropy(jnp.asarray(xv) @ p[:-1] + p[-1], yv)) + 1e-3 * jnp.sum(p[:-1] ** 2)
+    loss = lambda p: (
+        jnp.mean(sw * optax.sigmoid_binary_cross_entropy(jnp.asarray(xv) @ p[:-1] + p[-1], yv))
+        + 1e-3 * jnp.sum(p[:-1] ** 2)
+    )
     p, opt = jnp.zeros(xv.shape[1] + 1), optax.adam(0.05)
     s = opt.init(p)
     for _ in range(500): u, s = opt.update(jax.grad(loss)(p), s); p = optax.apply_updates(p, u)
@@ -446,13 +474,28 @@ def save_quality_model(model: QualityModel, path) -> Path:
     g, mlp_state = nnx.split(model.mlp)
     flat = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(mlp_state)}
     lm = model.lm
-    meta = dict(stage1_threshold=model.stage1_threshold, threshold=model.threshold, discount=lm.discount, max_tokens=lm.max_tokens,
-                n_in=int(model.stats_mean.shape[0]), dims=[model.stage1.dim, model.char_lr.dim],
-                b=[model.stage1.b, model.char_lr.b],
-                c1=list(lm.c1.items()), c2=[[*k, v] for k, v in lm.c2.items()], c3=[[*k, v] for k, v in lm.c3.items()])
-    np.savez_compressed(path, stage1_w=model.stage1.w, char_w=model.char_lr.w, stats_mean=model.stats_mean,
-                        stats_std=model.stats_std, stacker=model.stacker, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                        **{f'mlp/{k}': v for k, v in flat.items()})
+    meta = dict(
+        stage1_threshold=model.stage1_threshold,
+        threshold=model.threshold,
+        discount=lm.discount,
+        max_tokens=lm.max_tokens,
+        n_in=int(model.stats_mean.shape[0]),
+        dims=[model.stage1.dim, model.char_lr.dim],
+        b=[model.stage1.b, model.char_lr.b],
+        c1=list(lm.c1.items()),
+        c2=[[*k, v] for k, v in lm.c2.items()],
+        c3=[[*k, v] for k, v in lm.c3.items()],
+    )
+    np.savez_compressed(
+        path,
+        stage1_w=model.stage1.w,
+        char_w=model.char_lr.w,
+        stats_mean=model.stats_mean,
+        stats_std=model.stats_std,
+        stacker=model.stacker,
+        meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        **{f'mlp/{k}': v for k, v in flat.items()},
+    )
     return path
 
 def load_quality_model(path) -> QualityModel:
@@ -472,7 +515,9 @@ def load_quality_model(path) -> QualityModel:
     mlp = nnx.merge(g, nnx.from_flat_state(flat))
     s1 = SparseLogReg(dim=meta['dims'][0], w=z['stage1_w'], b=meta['b'][0])
     ch = SparseLogReg(dim=meta['dims'][1], w=z['char_w'], b=meta['b'][1])
-    return QualityModel(s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'], meta['threshold'])
+    return QualityModel(
+        s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'], meta['threshold']
+    )
 
 
 # %%

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Deduplication
 #
-# > Exact hashing of normalised text, then MinHash signatures and LSH (with `datasketch`) for near-duplicates: candidate pairs verified, clusters by union-find, one representative kept per cluster with the cluster's size as its frequency.
+# > Exact hashing, then MinHash/LSH near-duplicates with datasketch, union-find clusters and their frequencies.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/04_data_dedup.ipynb)
 
@@ -266,7 +266,8 @@ class FuzzyDedup:
     params: tuple[int, int] | None = None   # (bands, rows); chosen from the threshold when None
 
     def __post_init__(self):
-        if self.verify not in ('signature', 'exact', 'none'): raise ValueError(f"verify must be 'signature', 'exact' or 'none', got {self.verify!r}")
+        if self.verify not in ('signature', 'exact', 'none'):
+            raise ValueError(f"verify must be 'signature', 'exact' or 'none', got {self.verify!r}")
         self.params = self.params or lsh_params(self.threshold, self.num_perm, fp_weight=0.2, fn_weight=0.8)
         self.lsh = MinHashLSH(num_perm=self.num_perm, params=self.params)
         self.sigs, self.shingles, self.order, self.uf = {}, {}, [], UnionFind()
@@ -345,7 +346,9 @@ def pair_scores(predicted: set, truth: set) -> dict:
     tp = len(predicted & truth)
     p = tp / len(predicted) if predicted else 1.0
     r = tp / len(truth) if truth else 1.0
-    return dict(precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0, predicted=len(predicted), true=len(truth))
+    return dict(
+        precision=p, recall=r, f1=2 * p * r / (p + r) if p + r else 0.0, predicted=len(predicted), true=len(truth)
+    )
 
 def components(pairs) -> list[list]:
     "Connected components (lists of ids) of the graph whose edges are `pairs`."
@@ -366,7 +369,8 @@ def jaccard_truth(shingles: dict, threshold: float) -> set:
     out = set()
     for x, y in cand:
         a, b = shingles[x], shingles[y]
-        if len(np.intersect1d(a, b, assume_unique=True)) / len(np.union1d(a, b)) >= threshold: out.add(tuple(sorted((x, y))))
+        if len(np.intersect1d(a, b, assume_unique=True)) / len(np.union1d(a, b)) >= threshold:
+            out.add(tuple(sorted((x, y))))
     return out
 
 

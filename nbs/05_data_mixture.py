@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Mixtures
 #
-# > Domain balancing to target token shares, frequency-aware up-sampling (a tempered, capped function of duplicate-cluster size and quality), and phase mixtures that anneal toward high-quality data.
+# > Domain balance, frequency-aware up-sampling and phase mixtures that anneal toward high-quality data.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/05_data_mixture.ipynb)
 
@@ -41,9 +41,11 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from xgen_small.config import Config
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -78,7 +80,7 @@ from collections import Counter
 # %%
 #| export
 @dataclass(frozen=True)
-class Phase:
+class Phase(Config):
     "One pre-training phase of the mixture: a token budget, domain shares and quality sharpening."
     name: str
     tokens: float
@@ -90,12 +92,15 @@ class Phase:
         if self.tokens <= 0: raise ValueError(f"phase {self.name!r}: tokens must be positive")
         total = sum(self.domain_shares.values())
         if any(v < 0 for v in self.domain_shares.values()) or abs(total - 1) > 1e-6:
-            raise ValueError(f"phase {self.name!r}: domain_shares must be non-negative and sum to 1, got {self.domain_shares} (sum {total:.3f})")
+            raise ValueError(
+                f"phase {self.name!r}: domain_shares must be non-negative and sum to 1, got {self.domain_shares} (sum "
+                f"{total:.3f})"
+            )
 
 @dataclass(frozen=True)
-class MixtureConfig:
+class MixtureConfig(Config):
     "Phases plus the frequency-aware up-sampling and repetition limits shared by all phases."
-    phases: tuple
+    phases: tuple[Phase, ...]
     freq_temperature: float = 0.5
     freq_cap: float = 4.0
     max_epochs: float = 4.0
@@ -175,7 +180,12 @@ def plan_mixture(domains, quality, frequency, n_tokens, cfg: MixtureConfig) -> M
             budget = share * ph.tokens
             if budget == 0: continue
             if d in unknown or not mask.any(): shortfall[ph.name][d] = budget; delivered[ph.name][d] = 0.0; continue
-            e[mask] = fill_epochs(doc_weights(np.asarray(quality)[mask], np.asarray(frequency)[mask], ph, cfg), n[mask], budget, cfg.max_epochs)
+            e[mask] = fill_epochs(
+                doc_weights(np.asarray(quality)[mask], np.asarray(frequency)[mask], ph, cfg),
+                n[mask],
+                budget,
+                cfg.max_epochs,
+            )
             delivered[ph.name][d] = float(np.sum(e[mask] * n[mask]))
             if budget - delivered[ph.name][d] > 1e-6 * budget: shortfall[ph.name][d] = budget - delivered[ph.name][d]
         epochs[ph.name] = e
@@ -186,7 +196,7 @@ def plan_mixture(domains, quality, frequency, n_tokens, cfg: MixtureConfig) -> M
 # ## Our default: two phases with quality annealing
 #
 # Phase 1 (`broad`, 80% of tokens) balances the four domains and treats every kept document alike
-# ($\alpha = 0$). Phase 2 (`anneal`, the last 20%, when the learning rate decays; notebook 14 ties the
+# ($\alpha = 0$). Phase 2 (`anneal`, the last 20%, when the learning rate decays; notebook 09 ties the
 # two together) shifts share toward prose, math and code and sharpens on quality ($\alpha = 3$,
 # documents scoring below 0.5 excluded). Shares and powers are our choices, not the report's.
 

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Curation pipeline
 #
-# > `curate` streams JSONL shards through validation, heuristic filters, the quality ensemble, exact and fuzzy deduplication and the mixture plan, in parallel processes, and writes the kept documents plus a ledger that accounts for every input line.
+# > The parallel, deterministic curation run, with a ledger that accounts for every input document.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/06_data_curate.ipynb)
 
@@ -49,14 +49,15 @@ import multiprocessing as mp
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from datasketch import LeanMinHash
 from tqdm.auto import tqdm
 
-from xgen_small.data.dedup import ExactDedup, FuzzyDedup, exact_key, minhash, shingle_hashes
+from xgen_small.config import Config
+from xgen_small.data.dedup import FuzzyDedup, exact_key, minhash, shingle_hashes
 from xgen_small.data.filters import default_filters
 from xgen_small.data.mixture import MixtureConfig, default_mixture, plan_mixture
 
@@ -94,7 +95,7 @@ from xgen_small.data.sample import sample_shards, load_sample
 # %%
 #| export
 @dataclass
-class CurateConfig:
+class CurateConfig(Config):
     "Settings of a curation run (field names of the input JSON, limits, dedup and mixture parameters)."
     text_key: str = 'text'
     id_key: str = 'id'
@@ -220,11 +221,13 @@ def _train_default_quality(path: Path) -> Path:
 def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='default',
            mixture: MixtureConfig | None = None, progress: bool = True) -> CurateResult:
     """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}.jsonl.gz, ledger.jsonl.gz, summary.json.
-    `quality_model`: a saved model path, 'default' (train on the sample corpus once, cached in `out_dir`), or None (skip)."""
+    `quality_model`: a saved model path, 'default' (train on the sample corpus once, cached in `out_dir`), or None
+    (skip)."""
     cfg = cfg or CurateConfig()
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.is_file()]
-    if not inputs or missing: raise FileNotFoundError(f"no input shards given" if not inputs else f"input shard(s) not found: {missing}")
+    if not inputs or missing:
+        raise FileNotFoundError(f"no input shards given" if not inputs else f"input shard(s) not found: {missing}")
     out_dir = Path(out_dir); work = out_dir / 'work'
     if (out_dir / 'kept').exists(): shutil.rmtree(out_dir / 'kept')
     work.mkdir(parents=True, exist_ok=True); (out_dir / 'kept').mkdir()
@@ -232,12 +235,15 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
     if quality_model == 'default':
         quality_model = out_dir / 'quality_model.npz'
         if not quality_model.exists(): _train_default_quality(quality_model)
-    jobs = [(i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work)) for i, p in enumerate(inputs)]
+    jobs = [
+        (i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work))
+        for i, p in enumerate(inputs)
+    ]
     bar = dict(disable=not progress, unit='shard')
     # the worker must be importable by a freshly spawned process, so take it from the installed module
     worker = importlib.import_module('xgen_small.data.curate')._process_shard
     if cfg.workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor    # raises if a worker dies, where a Pool would hang
+        from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
         with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
             parts = list(tqdm(ex.map(worker, jobs), total=len(jobs), desc='filter+score', **bar))
     else: parts = [worker(j) for j in tqdm(jobs, desc='filter+score', **bar)]
@@ -253,7 +259,16 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
     for d in docs:
         copies[d['exact']] += 1
         if d['exact'] in first:
-            ledger.append(dict(shard=d['shard'], line=d['line'], id=d['id'], status='dropped', reason='dedup.exact', duplicate_of=first[d['exact']]['id']))
+            ledger.append(
+                dict(
+                    shard=d['shard'],
+                    line=d['line'],
+                    id=d['id'],
+                    status='dropped',
+                    reason='dedup.exact',
+                    duplicate_of=first[d['exact']]['id'],
+                )
+            )
         else: first[d['exact']] = d; unique.append(d)
     # near duplicates: LSH over the stage-1 signatures, clusters represented by their best document
     fd = FuzzyDedup(threshold=cfg.dedup_threshold, num_perm=cfg.num_perm, ngram=cfg.ngram, verify='signature')
@@ -267,7 +282,16 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
         kept.append(r)
         for m in members[1:]:
             d = unique[m]
-            ledger.append(dict(shard=d['shard'], line=d['line'], id=d['id'], status='dropped', reason='dedup.fuzzy', duplicate_of=r['id']))
+            ledger.append(
+                dict(
+                    shard=d['shard'],
+                    line=d['line'],
+                    id=d['id'],
+                    status='dropped',
+                    reason='dedup.fuzzy',
+                    duplicate_of=r['id'],
+                )
+            )
     kept.sort(key=lambda d: (d['shard'], d['line']))
     for d in kept: ledger.append(dict(shard=d['shard'], line=d['line'], id=d['id'], status='kept', reason=None))
     t2 = time.perf_counter()
@@ -275,12 +299,21 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
     # mixture plan
     n_tok = np.array([estimate_tokens(d['text']) for d in kept], np.float64)
     mixture = mixture or default_mixture(cfg.total_tokens or float(n_tok.sum()))
-    plan = plan_mixture([d['domain'] for d in kept], [d['quality'] for d in kept], [d['frequency'] for d in kept], n_tok, mixture)
+    plan = plan_mixture(
+        [d['domain'] for d in kept], [d['quality'] for d in kept], [d['frequency'] for d in kept], n_tok, mixture
+    )
     by_domain: dict = {}
     for i, d in enumerate(kept):
-        rec = dict(id=d['id'], domain=d['domain'], text=d['text'], quality=round(d['quality'], 6), frequency=d['frequency'],
-                   n_tokens=int(n_tok[i]), epochs={ph: round(float(plan.epochs[ph][i]), 6) for ph in plan.phases},
-                   source=dict(shard=str(inputs[d['shard']]), line=d['line']))
+        rec = dict(
+            id=d['id'],
+            domain=d['domain'],
+            text=d['text'],
+            quality=round(d['quality'], 6),
+            frequency=d['frequency'],
+            n_tokens=int(n_tok[i]),
+            epochs={ph: round(float(plan.epochs[ph][i]), 6) for ph in plan.phases},
+            source=dict(shard=str(inputs[d['shard']]), line=d['line']),
+        )
         by_domain.setdefault(d['domain'], []).append(rec)
     for dom, recs in by_domain.items():
         with gzip.open(out_dir / 'kept' / f'{dom}.jsonl.gz', 'wt', encoding='utf-8') as f:
@@ -293,11 +326,18 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
     reasons = Counter(e['reason'] for e in ledger if e['status'] == 'dropped')
     summary = dict(
         inputs=[dict(path=str(inputs[p['shard']]), lines=p['lines'], error=p['error']) for p in parts],
-        lines=lines, kept=len(kept), dropped=sum(reasons.values()), reasons=dict(sorted(reasons.items())),
+        lines=lines,
+        kept=len(kept),
+        dropped=sum(reasons.values()),
+        reasons=dict(sorted(reasons.items())),
         kept_by_domain={d: len(r) for d, r in sorted(by_domain.items())},
-        mixture={ph: dict(shares=plan.shares(ph), tokens=plan.delivered[ph], shortfall=plan.shortfall[ph]) for ph in plan.phases},
+        mixture={
+            ph: dict(shares=plan.shares(ph), tokens=plan.delivered[ph], shortfall=plan.shortfall[ph])
+            for ph in plan.phases
+        },
         seconds=dict(filter_score=round(t1 - t0, 2), dedup=round(t2 - t1, 2), total=round(time.perf_counter() - t0, 2)),
-        config=asdict(cfg))
+        config=asdict(cfg),
+    )
     if summary['kept'] + summary['dropped'] != lines or len(ledger) != lines:
         raise RuntimeError(f"ledger does not account for every input line: {lines} lines, {len(ledger)} ledger entries")
     (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
@@ -316,7 +356,8 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
 tmp = Path(tempfile.mkdtemp())
 broken = tmp / 'broken.jsonl'
 broken.write_bytes(b'\n'.join([
-    b'{"id": "ok-1", "domain": "math", "text": "Problem 1. Solve for x: 2x + 3 = 11. Subtract 3 from both sides: 2x = 8. Divide by 2: x = 4. Answer: 4. Problem 2. Compute 7 * 6. The product is 42. Answer: 42."}',
+    b'{"id": "ok-1", "domain": "math", "text": "Problem 1. Solve for x: 2x + 3 = 11. Subtract 3 from both sides: 2x = '
+    b'8. Divide by 2: x = 4. Answer: 4. Problem 2. Compute 7 * 6. The product is 42. Answer: 42."}',
     b'{"id": "bad-json", "domain": "web", "text": "unterminated',
     b'{"id": "bad-utf8", "domain": "web", "text": "caf\xe9"}',
     b'{"id": "no-text", "domain": "web", "body": "wrong field"}',

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Tokenizer
 #
-# > A sentencepiece BPE tokenizer trained on the curated corpus: byte fallback (no text is unknown), split digits, reserved special tokens, lossless round trips, and a chat template that says which tokens are trained on.
+# > A sentencepiece BPE tokenizer with byte fallback, exact round trips, special tokens and a chat template.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/07_tokenizer.ipynb)
 
@@ -51,7 +51,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 import sentencepiece as spm
 
 # %%
@@ -92,17 +91,38 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, *, model_type:
                     character_coverage: float = 0.9995, num_threads: int = os.cpu_count() or 1) -> bytes:
     "Train a sentencepiece model on `texts`; returns the serialized model (see `Tokenizer`)."
     n_fixed = 4 + len(SPECIALS) + 256
-    if vocab_size <= n_fixed + 16: raise ValueError(f"vocab_size {vocab_size} is too small: {n_fixed} ids are specials and bytes")
+    if vocab_size <= n_fixed + 16:
+        raise ValueError(f"vocab_size {vocab_size} is too small: {n_fixed} ids are specials and bytes")
     texts = [t for t in texts if t]
     if not texts: raise ValueError("cannot train a tokenizer on an empty corpus")
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=out, vocab_size=vocab_size, model_type=model_type,
-        byte_fallback=True, split_digits=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
-        add_dummy_prefix=False, allow_whitespace_only_pieces=True, character_coverage=character_coverage,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
-        control_symbols=list(SPECIALS), max_sentence_length=1 << 24, input_sentence_size=0, shuffle_input_sentence=False,
-        num_threads=num_threads, minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_writer=out,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name='identity',
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        character_coverage=character_coverage,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        pad_piece=PAD,
+        unk_piece=UNK,
+        bos_piece=BOS,
+        eos_piece=EOS,
+        control_symbols=list(SPECIALS),
+        max_sentence_length=1 << 24,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
     return out.getvalue()
 
 
@@ -130,7 +150,9 @@ class Tokenizer:
     def __init__(self, model: bytes | str | Path):
         self.proto = model if isinstance(model, bytes) else Path(model).read_bytes()
         self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
-        missing = [s for s in (PAD, UNK, BOS, EOS, *SPECIALS) if self.sp.piece_to_id(s) == self.sp.unk_id() and s != UNK]
+        missing = [
+            s for s in (PAD, UNK, BOS, EOS, *SPECIALS) if self.sp.piece_to_id(s) == self.sp.unk_id() and s != UNK
+        ]
         if missing: raise ValueError(f"not an xgen_small tokenizer: missing special tokens {missing[:4]}")
         self.special_ids = {s: self.sp.piece_to_id(s) for s in (PAD, UNK, BOS, EOS, *SPECIALS)}
         self.id_to_special = {i: s for s, i in self.special_ids.items()}
@@ -144,7 +166,8 @@ class Tokenizer:
     eos_id = property(lambda self: self.special_ids[EOS])
     def token_id(self, special: str) -> int:
         "The id of a special token such as `'<|assistant|>'`."
-        if special not in self.special_ids: raise KeyError(f"{special!r} is not a special token; known: {sorted(self.special_ids)}")
+        if special not in self.special_ids:
+            raise KeyError(f"{special!r} is not a special token; known: {sorted(self.special_ids)}")
         return self.special_ids[special]
 
     def _clean(self, text: str, errors: str) -> str:
@@ -152,8 +175,10 @@ class Tokenizer:
         m = _SURROGATE.search(text)
         if m is None: return text
         if errors == 'replace': return _SURROGATE.sub('\ufffd', text)
-        raise ValueError(f"text contains a lone surrogate {m.group()!r} at position {m.start()}; it is not valid Unicode "
-                         f"(use errors='replace' to substitute U+FFFD)")
+        raise ValueError(
+            f"text contains a lone surrogate {m.group()!r} at position {m.start()}; it is not valid Unicode "
+            f"(use errors='replace' to substitute U+FFFD)"
+        )
 
     def _encode_plain(self, text: str) -> list[int]:
         parts = text.split(_SPACE_MARK)
@@ -179,7 +204,8 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int], *, specials: bool = False) -> str:
-        "Text of `ids`. Special tokens are dropped, or spelt out with `specials=True` (inverse of `encode(..., specials=...)`)."
+        "Text of `ids`. Special tokens are dropped, or spelt out with `specials=True` (inverse of `encode(..., "
+        "specials=...)`)."
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad: raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")
@@ -193,7 +219,9 @@ class Tokenizer:
         if run: out.append(self.sp.decode(run))
         return ''.join(out)
 
-    def encode_batch(self, texts: Sequence[str], *, num_threads: int = os.cpu_count() or 1, errors: str = 'strict') -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, num_threads: int = os.cpu_count() or 1, errors: str = 'strict'
+    ) -> list[list[int]]:
         "Token ids of many texts, using sentencepiece's threads for the common case."
         texts = [self._clean(t, errors) for t in texts]
         simple = [i for i, t in enumerate(texts) if _SPACE_MARK not in t]

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Data loader
 #
-# > A memory-mapped token store, packing into fixed-length rows with segment ids and positions, and a sampler that follows the mixture plan: deterministic for a seed, sharded across data-parallel processes, and resumable from a small state saved with the checkpoint.
+# > A memory-mapped token store, packing with segment ids, and a mixture sampler that is sharded and resumable.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/08_loader.ipynb)
 
@@ -43,12 +43,13 @@ from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from xgen_small.config import Config
 from xgen_small.tokenizer import Tokenizer
 
 # %%
@@ -97,8 +98,22 @@ class TokenStore:
         if not (path / 'meta.json').exists(): raise FileNotFoundError(f"no token store at {path} (meta.json missing)")
         meta = json.loads((path / 'meta.json').read_text())
         idx = np.load(path / 'index.npz')
-        tokens = np.memmap(path / 'tokens.bin', dtype=meta['dtype'], mode='r') if meta['n_tokens'] else np.zeros(0, meta['dtype'])
-        return cls(path, tokens, idx['offsets'], idx['lengths'], idx['domains'], idx['quality'], idx['frequency'], idx['epochs'], meta)
+        tokens = (
+            np.memmap(path / 'tokens.bin', dtype=meta['dtype'], mode='r')
+            if meta['n_tokens']
+            else np.zeros(0, meta['dtype'])
+        )
+        return cls(
+            path,
+            tokens,
+            idx['offsets'],
+            idx['lengths'],
+            idx['domains'],
+            idx['quality'],
+            idx['frequency'],
+            idx['epochs'],
+            meta,
+        )
 
     def __len__(self): return len(self.offsets)
     def doc(self, i: int) -> np.ndarray: return self.tokens[self.offsets[i]:self.offsets[i] + self.lengths[i]]
@@ -108,18 +123,25 @@ class TokenStore:
     def check(self, tokenizer: Tokenizer | None = None, vocab_size: int | None = None):
         "Raise if this store was not written by `tokenizer`, or holds ids a model with `vocab_size` cannot embed."
         if tokenizer is not None and tokenizer.fingerprint != self.meta['fingerprint']:
-            raise ValueError(f"token store {self.path} was written by tokenizer {self.meta['fingerprint']} "
-                             f"but tokenizer {tokenizer.fingerprint} was given: retokenise or use the matching tokenizer")
+            raise ValueError(
+                f"token store {self.path} was written by tokenizer {self.meta['fingerprint']} "
+                f"but tokenizer {tokenizer.fingerprint} was given: retokenise or use the matching tokenizer"
+            )
         if vocab_size is not None and self.meta['vocab_size'] > vocab_size:
-            raise ValueError(f"token store {self.path} uses a vocabulary of {self.meta['vocab_size']} but the model embeds "
-                             f"only {vocab_size} ids")
+            raise ValueError(
+                f"token store {self.path} uses a vocabulary of {self.meta['vocab_size']} but the model embeds only "
+                f"{vocab_size} ids"
+            )
 
 def newline_ids(tok: Tokenizer) -> list[int]:
     "Ids of the pieces that contain a line break (recorded in the store for boundary-aware splitting)."
     return [i for i in range(tok.vocab_size) if '\n' in tok.sp.id_to_piece(i) or tok.sp.id_to_piece(i) == '<0x0A>']
 
-def rebalance_epochs(epochs: np.ndarray, lengths: np.ndarray, domains: np.ndarray, shares: list[dict], names: list[str]) -> np.ndarray:
-    "Scale each (phase, domain) column of `epochs` so that real token counts give the planned domain `shares` per phase."
+def rebalance_epochs(
+    epochs: np.ndarray, lengths: np.ndarray, domains: np.ndarray, shares: list[dict], names: list[str]
+) -> np.ndarray:
+    "Scale each (phase, domain) column of `epochs` so that real token counts give the planned domain `shares` per "
+    "phase."
     out = epochs.astype(np.float64).copy()
     for ph, share in enumerate(shares):
         delivered = {d: float(np.sum(out[domains == i, ph] * lengths[domains == i])) for i, d in enumerate(names)}
@@ -128,7 +150,9 @@ def rebalance_epochs(epochs: np.ndarray, lengths: np.ndarray, domains: np.ndarra
             if delivered[d] > 0: out[domains == i, ph] *= share.get(d, 0.0) * total / delivered[d]
     return out.astype(np.float32)
 
-def build_token_store(kept_paths: Sequence, tok: Tokenizer, out_dir, *, plan: dict | None = None, batch: int = 256) -> TokenStore:
+def build_token_store(
+    kept_paths: Sequence, tok: Tokenizer, out_dir, *, plan: dict | None = None, batch: int = 256
+) -> TokenStore:
     """Tokenise curated documents (`kept/*.jsonl.gz` records of notebook 06) into a token store at `out_dir`.
     `plan`: the curation summary's `mixture` entry; the epochs are then rescaled so that *real* token counts
     (the curation run could only estimate them) deliver the planned domain shares."""
@@ -145,7 +169,9 @@ def build_token_store(kept_paths: Sequence, tok: Tokenizer, out_dir, *, plan: di
                 f.write(ids.tobytes())
                 offsets.append(n); lengths.append(len(ids)); n += len(ids)
                 if r['domain'] not in domains: domains.append(r['domain'])
-                dom.append(domains.index(r['domain'])); qual.append(r.get('quality', 1.0)); freq.append(r.get('frequency', 1))
+                dom.append(domains.index(r['domain']))
+                qual.append(r.get('quality', 1.0))
+                freq.append(r.get('frequency', 1))
                 epochs.append([r.get('epochs', {}).get(p, 1.0) for p in phases])
         recs = []
         for p in kept_paths:
@@ -164,8 +190,18 @@ def build_token_store(kept_paths: Sequence, tok: Tokenizer, out_dir, *, plan: di
         epochs = rebalance_epochs(epochs, lengths, dom, [plan[p]['shares'] for p in phases], domains)
     np.savez(out_dir / 'index.npz', offsets=np.asarray(offsets, np.int64), lengths=lengths, domains=dom,
              quality=np.asarray(qual, np.float32), frequency=np.asarray(freq, np.int32), epochs=epochs)
-    meta = dict(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint, dtype=np.dtype(dtype).name, domains=domains,
-                phases=phases, n_docs=len(offsets), n_tokens=n, eos_id=tok.eos_id, pad_id=tok.pad_id, newline_ids=newline_ids(tok))
+    meta = dict(
+        vocab_size=tok.vocab_size,
+        fingerprint=tok.fingerprint,
+        dtype=np.dtype(dtype).name,
+        domains=domains,
+        phases=phases,
+        n_docs=len(offsets),
+        n_tokens=n,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        newline_ids=newline_ids(tok),
+    )
     (out_dir / 'meta.json').write_text(json.dumps(meta, indent=1))
     return TokenStore.open(out_dir)
 
@@ -213,7 +249,7 @@ test_fail(lambda: build_token_store([tmp / 'empty.jsonl.gz'], tok, tmp / 'empty'
 # %%
 #| export
 @dataclass(frozen=True)
-class LoaderConfig:
+class LoaderConfig(Config):
     "Shape, packing mode, mixture phase, seed and this process's share of the data."
     seq_len: int
     batch_size: int                 # rows per process
@@ -225,7 +261,8 @@ class LoaderConfig:
 
     def __post_init__(self):
         if self.seq_len < 2 or self.batch_size < 1: raise ValueError("seq_len must be >= 2 and batch_size >= 1")
-        if self.split not in ('fill', 'boundary'): raise ValueError(f"split must be 'fill' or 'boundary', got {self.split!r}")
+        if self.split not in ('fill', 'boundary'):
+            raise ValueError(f"split must be 'fill' or 'boundary', got {self.split!r}")
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count})")
 
@@ -270,13 +307,17 @@ class Loader:
         self._orders: dict = {}
         order = self._order(0)
         if len(order) == 0:
-            raise ValueError(f"process {cfg.process_index} of {cfg.process_count} gets no documents in phase {cfg.phase!r} "
-                             f"({len(store)} documents in the store)")
+            raise ValueError(
+                f"process {cfg.process_index} of {cfg.process_count} gets no documents in phase {cfg.phase!r} "
+                f"({len(store)} documents in the store)"
+            )
         need = cfg.seq_len * cfg.batch_size
         have = int(store.lengths[order].sum())
         if have < need:
-            raise ValueError(f"one batch needs {need:,} tokens ({cfg.batch_size} x {cfg.seq_len}) but a pass over this process's "
-                             f"share holds only {have:,}: lower seq_len or batch_size, or add data")
+            raise ValueError(
+                f"one batch needs {need:,} tokens ({cfg.batch_size} x {cfg.seq_len}) but a pass over this process's "
+                f"share holds only {have:,}: lower seq_len or batch_size, or add data"
+            )
 
     def _order(self, pass_: int) -> np.ndarray:
         if pass_ not in self._orders:
@@ -322,7 +363,9 @@ class Loader:
 
     def __next__(self) -> dict:
         rows = [self._row() for _ in range(self.cfg.batch_size)]
-        toks = np.stack([r[0] for r in rows]); seg = np.stack([r[1] for r in rows]); pos = np.stack([r[2] for r in rows])
+        toks = np.stack([r[0] for r in rows])
+        seg = np.stack([r[1] for r in rows])
+        pos = np.stack([r[2] for r in rows])
         same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
         targets = np.concatenate([np.where(same, toks[:, 1:], self.pad), np.full((len(rows), 1), self.pad)], axis=1)
         mask = np.concatenate([same, np.zeros((len(rows), 1), bool)], axis=1)

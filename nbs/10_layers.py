@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Layers
 #
-# > RMSNorm, rotary position embeddings with a configurable base and scaling, and the SwiGLU MLP, each with logical axis names on its parameters.
+# > RMSNorm, rotary embeddings with a configurable base and scaling, and SwiGLU, with logical axis names.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/10_layers.ipynb)
 
@@ -162,7 +162,9 @@ def rope_frequencies(head_dim: int, theta: float = 10_000.0, scaling: str = 'non
         low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
         smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = np.where(wavelen > low_wavelen, inv_freq / factor, np.where(wavelen < high_wavelen, inv_freq, blended))
+        inv_freq = np.where(
+            wavelen > low_wavelen, inv_freq / factor, np.where(wavelen < high_wavelen, inv_freq, blended)
+        )
     else: raise ValueError(f"unknown rope scaling {scaling!r}; expected 'none', 'linear' or 'llama3'")
     return inv_freq.astype(np.float32)
 

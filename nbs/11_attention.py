@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Attention
 #
-# > Grouped-query attention with segment ids and positions: the reference XLA path that every faster kernel is checked against, and the `attention` entry point that picks an implementation.
+# > Grouped-query attention: the reference, online softmax, blockwise JAX, our Pallas kernel, splash, one entry.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/11_attention.ipynb)
 
@@ -98,7 +98,7 @@ test_eq(attention_mask(seg, seg, pos, pos)[0].astype(int).tolist(),
 # Two numerical choices: logits and softmax are computed in float32 whatever the input dtype, and a
 # query row that may see *no* key (possible with arbitrary segment ids) returns zeros instead of
 # the NaN a naive softmax would give. We subtract the row maximum before exponentiating, the same
-# identity that the blockwise and flash kernels (notebook 11, issue 5) apply one block at a time.
+# identity that the blockwise and flash kernels below apply one block at a time.
 #
 # This function materialises the full `[q_len, kv_len]` score matrix, so its memory grows
 # quadratically with length. It is the ground truth, not the fast path.
@@ -106,7 +106,8 @@ test_eq(attention_mask(seg, seg, pos, pos)[0].astype(int).tolist(),
 # %%
 #| export
 def _check_qkv(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-    if q.ndim != 4 or k.ndim != 4: raise ValueError(f"q and k must be [batch, length, heads, head_dim], got {q.shape} and {k.shape}")
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"q and k must be [batch, length, heads, head_dim], got {q.shape} and {k.shape}")
     if k.shape != v.shape: raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
     (B, T, H, D), (Bk, S, K, Dk) = q.shape, k.shape
     if B != Bk or D != Dk: raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch or head_dim")
@@ -115,7 +116,8 @@ def _check_qkv(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions
                            ('q_positions', q_positions, (B, T)), ('kv_positions', kv_positions, (B, S))):
         if a.shape != shape: raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
 
-def _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+def attention_defaults(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions):
+    "The ids every implementation assumes when given None: one segment (id 1), positions `0..S-1`, queries at the end."
     (B, T), S = q.shape[:2], k.shape[1]
     if q_segment_ids is None: q_segment_ids = jnp.ones((B, T), jnp.int32)
     if kv_segment_ids is None: kv_segment_ids = q_segment_ids if S == T else jnp.ones((B, S), jnp.int32)
@@ -128,7 +130,9 @@ def attention_reference(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_posi
     """Plain-XLA grouped-query attention. q: `[B, T, H, h]`; k, v: `[B, S, K, h]` with `H % K == 0`.
     Segment ids and positions are `[B, T]` / `[B, S]` int arrays (defaults: one segment, `0..len-1`, queries
     aligned to the end of the keys). Returns `[B, T, H, h]` in q's dtype."""
-    q_segment_ids, kv_segment_ids, q_positions, kv_positions = _defaults(q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    q_segment_ids, kv_segment_ids, q_positions, kv_positions = attention_defaults(
+        q, k, q_segment_ids, kv_segment_ids, q_positions, kv_positions
+    )
     _check_qkv(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
     (B, T, H, D), K = q.shape, k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -229,7 +233,8 @@ class BlockSizes:
     def __post_init__(self):
         for n in ('block_q', 'block_kv', 'block_q_bwd', 'block_kv_bwd'):
             v = getattr(self, n)
-            if v is not None and (not isinstance(v, int) or v < 1): raise ValueError(f"BlockSizes.{n} must be a positive int, got {v!r}")
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"BlockSizes.{n} must be a positive int, got {v!r}")
     @property
     def bwd(self) -> tuple[int, int]: return self.block_q_bwd or self.block_q, self.block_kv_bwd or self.block_kv
     def fit(self, q_len: int, kv_len: int, pow2: bool = False) -> BlockSizes:
@@ -246,7 +251,8 @@ def _pad_to(x, axis: int, multiple: int, value):
     return jnp.pad(x, widths, constant_values=value)
 
 def _heads_major(q, k, v, q_seg, kv_seg, bq: int, bk: int):
-    "Pad lengths to the blocks (padding gets segment ids -1 / -2, which match nothing real) and move heads before length."
+    "Pad lengths to the blocks (padding gets segment ids -1 / -2, which match nothing real) and move heads before "
+    "length."
     q = _pad_to(q, 1, bq, 0).transpose(0, 2, 1, 3); q_seg = _pad_to(q_seg.astype(jnp.int32), 1, bq, -1)
     k = _pad_to(k, 1, bk, 0).transpose(0, 2, 1, 3); v = _pad_to(v, 1, bk, 0).transpose(0, 2, 1, 3)
     kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, bk, -2)
@@ -257,6 +263,58 @@ def _block_mask(q_seg, kv_seg, q0, k0, bq: int, bk: int, causal: bool):
     m = q_seg[..., :, None] == kv_seg[..., None, :]
     if causal: m &= (q0 + jnp.arange(bq))[:, None] >= (k0 + jnp.arange(bk))[None, :]
     return m
+
+def online_softmax_init(shape, dtype=jnp.float32) -> tuple:
+    "The empty running state `(a, m, l)` for queries whose output has `shape` `[..., q, D]`."
+    return jnp.zeros(shape, dtype), jnp.full(shape[:-1], NEG, dtype), jnp.zeros(shape[:-1], dtype)
+
+def online_softmax_step(carry: tuple, s, mask, v, pv) -> tuple:
+    """Fold one block of keys into the running state `(a, m, l)`: scores `s [..., q, k]`, visibility `mask`
+    (broadcastable to `s`), values `v`, and `pv(p, v) -> [..., q, D]` the probability-times-value product of this
+    layout. The update is the one above; masked scores count as exactly zero probability."""
+    a, m, l = carry
+    s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return a * alpha[..., None] + pv(p, v), m_new, l * alpha + p.sum(-1)
+
+def online_softmax_result(carry: tuple) -> tuple:
+    "`(output, log-sum-exp)` from the final state; rows that saw no key give output 0 and log-sum-exp `-NEG`."
+    a, m, l = carry
+    safe = jnp.where(l == 0, 1.0, l)
+    return a / safe[..., None], jnp.where(l == 0, -NEG, m + jnp.log(safe))
+
+def kv_blocks_seen(i, bq: int, bk: int, n_kv: int, causal: bool):
+    "How many key blocks (of `bk`) query block `i` (of `bq`) needs: all `n_kv`, or up to the diagonal when causal."
+    return jnp.minimum(((i + 1) * bq + bk - 1) // bk, n_kv) if causal else n_kv
+
+def first_q_block_seeing(j, bq: int, bk: int, causal: bool):
+    "The first query block (of `bq`) that sees key block `j` (of `bk`): 0, or the diagonal's block when causal."
+    return (j * bk) // bq if causal else 0
+
+
+# %% [markdown]
+# Every implementation below (the blockwise loops, the Pallas kernel, and the ring of notebook 14) folds key blocks with
+# `online_softmax_step` and decides how far causal loops run with `kv_blocks_seen` / `first_q_block_seeing`; only the
+# layout (`pv`) differs. Folding the keys of one query row in three uneven blocks gives the softmax-weighted values:
+
+# %%
+s_row, v_row = jax.random.normal(jax.random.key(3), (1, 10)), jax.random.normal(jax.random.key(4), (10, 2))
+pv_row = lambda p, v: p @ v
+state = online_softmax_init((1, 2))
+for lo, hi in ((0, 3), (3, 7), (7, 10)):
+    state = online_softmax_step(state, s_row[:, lo:hi], jnp.ones((1, hi - lo), bool), v_row[lo:hi], pv_row)
+out_row, lse_row = online_softmax_result(state)
+print(out_row, jax.nn.softmax(s_row) @ v_row)
+
+# %%
+test_close(out_row, jax.nn.softmax(s_row) @ v_row, eps=1e-6)
+test_close(lse_row, jax.nn.logsumexp(s_row, -1), eps=1e-6)
+test_eq([int(kv_blocks_seen(i, 64, 32, 8, True)) for i in range(4)], [2, 4, 6, 8])   # up to the diagonal
+test_eq([int(first_q_block_seeing(j, 64, 32, True)) for j in range(8)], [0, 0, 1, 1, 2, 2, 3, 3])
+test_eq(int(kv_blocks_seen(0, 64, 32, 8, False)), 8)
+
 
 # %% [markdown]
 # ### Blockwise attention in plain JAX
@@ -278,24 +336,18 @@ def _bw_fwd(q, k, v, q_seg, kv_seg, causal, bs: BlockSizes, scale):
     qs = qs.reshape(B, Tp // bq, bq).transpose(1, 0, 2)
     kh, vh = kh.astype(jnp.float32), vh.astype(jnp.float32)
 
+    pv = lambda p, vb: jnp.einsum('bkgqj,bkjd->bkgqd', p, vb)
+
     def one_q_block(args):
         i, qb, sb = args                                     # qb [B, K, G, bq, D], sb [B, bq]
         def body(j, carry):
-            acc, m, l = carry
             kb = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
             kvs = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=1)
             mask = _block_mask(sb, kvs, i * bq, j * bk, bq, bk, causal)[:, None, None]
-            s = jnp.where(mask, jnp.einsum('bkgqd,bkjd->bkgqj', qb, kb), NEG)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            alpha = jnp.exp(m - m_new)
-            return acc * alpha[..., None] + jnp.einsum('bkgqj,bkjd->bkgqd', p, vb), m_new, l * alpha + p.sum(-1)
-        n = jnp.minimum(((i + 1) * bq + bk - 1) // bk, Sp // bk) if causal else Sp // bk
-        init = (jnp.zeros(qb.shape, jnp.float32), jnp.full(qb.shape[:-1], NEG), jnp.zeros(qb.shape[:-1]))
-        acc, m, l = jax.lax.fori_loop(0, n, body, init)
-        safe = jnp.where(l == 0, 1.0, l)
-        return acc / safe[..., None], jnp.where(l == 0, -NEG, m + jnp.log(safe))
+            return online_softmax_step(carry, jnp.einsum('bkgqd,bkjd->bkgqj', qb, kb), mask, vb, pv)
+        n = kv_blocks_seen(i, bq, bk, Sp // bk, causal)
+        return online_softmax_result(jax.lax.fori_loop(0, n, body, online_softmax_init(qb.shape)))
     out, lse = jax.lax.map(one_q_block, (jnp.arange(Tp // bq), qh, qs))      # [nq, B, K, G, bq, (D)]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T].astype(q.dtype)
     lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, H, Tp)[:, :, :T]
@@ -329,16 +381,19 @@ def _bw_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs: BlockSizes, scale)
             dv = dv + jnp.einsum('bkgqj,bkgqd->bkjd', p, dob)
             ds = p * (jnp.einsum('bkgqd,bkjd->bkgqj', dob, tile(vh, j, bk, 2)) - tile(delta, i, bq, 3)[..., None])
             return dk + jnp.einsum('bkgqj,bkgqd->bkjd', ds, qb), dv
-        start = (j * bk) // bq if causal else 0
+        start = first_q_block_seeing(j, bq, bk, causal)
         zeros = jnp.zeros((B, K, bk, D), jnp.float32)
         return jax.lax.fori_loop(start, Tp // bq, body, (zeros, zeros))
 
     def dq_block(i):
         def body(j, dq):
             qb, kb, p = probs(i, j)
-            ds = p * (jnp.einsum('bkgqd,bkjd->bkgqj', tile(doh, i, bq, 3), tile(vh, j, bk, 2)) - tile(delta, i, bq, 3)[..., None])
+            ds = p * (
+                jnp.einsum('bkgqd,bkjd->bkgqj', tile(doh, i, bq, 3), tile(vh, j, bk, 2))
+                - tile(delta, i, bq, 3)[..., None]
+            )
             return dq + jnp.einsum('bkgqj,bkjd->bkgqd', ds, kb)
-        n = jnp.minimum(((i + 1) * bq + bk - 1) // bk, Sp // bk) if causal else Sp // bk
+        n = kv_blocks_seen(i, bq, bk, Sp // bk, causal)
         return jax.lax.fori_loop(0, n, body, jnp.zeros((B, K, G, bq, D), jnp.float32))
 
     dk, dv = jax.lax.map(dkv_block, jnp.arange(Sp // bk))                    # [nk, B, K, bk, D]
@@ -364,14 +419,13 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 def _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, name: str):
     "Kernels implement self-attention (same query and key length, index-causal); refuse anything else clearly."
-    _check_qkv(q, k, v, *_defaults(q, k, q_segment_ids, kv_segment_ids, None, None))
+    _check_qkv(q, k, v, *attention_defaults(q, k, q_segment_ids, kv_segment_ids, None, None))
     if q.shape[1] != k.shape[1]:
-        raise ValueError(f"{name} attention computes self-attention: query length {q.shape[1]} != key length {k.shape[1]} "
-                         f"(use impl='xla' for decoding against a cache)")
-    B, T = q.shape[:2]
-    q_seg = jnp.zeros((B, T), jnp.int32) if q_segment_ids is None else q_segment_ids
-    kv_seg = q_seg if kv_segment_ids is None else kv_segment_ids
-    return q_seg, kv_seg
+        raise ValueError(
+            f"{name} attention computes self-attention: query length {q.shape[1]} != key length {k.shape[1]} "
+            f"(use impl='xla' for decoding against a cache)"
+        )
+    return attention_defaults(q, k, q_segment_ids, kv_segment_ids, None, None)[:2]
 
 def attention_blockwise(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
                         causal: bool = True, block_sizes: BlockSizes = BlockSizes(512, 512)) -> jax.Array:
@@ -379,6 +433,7 @@ def attention_blockwise(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_posi
     Causality is by index, which equals position order within the segments of packed data; positions are not read."""
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'blockwise')
     return _blockwise(q, k, v, q_seg, kv_seg, causal, block_sizes, q.shape[-1] ** -0.5)
+
 
 # %% [markdown]
 # Checked against the reference, forward and gradients, on packed segments with GQA, and with block
@@ -403,6 +458,7 @@ for bs in (BlockSizes(32, 32), BlockSizes(16, 64), BlockSizes(40, 24, 8, 56)):
     for causal in (True, False):
         print(f'{bs} causal={causal}: max |error| out, dq, dk, dv =',
               [f'{e:.1e}' for e in check(partial(attention_blockwise, block_sizes=bs), causal=causal)])
+
 
 # %% [markdown]
 # ### The Pallas kernel
@@ -429,23 +485,20 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, *, sc
     i = pl.program_id(2)
     q = q_ref[...].astype(jnp.float32) * scale                         # [bq, D]
     qs = qs_ref[...]
+    pv = lambda p, vb: jnp.dot(p, vb, preferred_element_type=jnp.float32)
     def body(j, carry):
-        acc, m, l = carry
         kb = k_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
         vb = v_ref[pl.ds(j * bk, bk), :].astype(jnp.float32)
         mask = _block_mask(qs, ks_ref[pl.ds(j * bk, bk)], i * bq, j * bk, bq, bk, causal)
-        s = jnp.where(mask, jnp.dot(q, kb.T, preferred_element_type=jnp.float32), NEG)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-        alpha = jnp.exp(m - m_new)
-        return acc * alpha[:, None] + jnp.dot(p, vb, preferred_element_type=jnp.float32), m_new, l * alpha + p.sum(-1)
-    n = jnp.minimum(((i + 1) * bq + bk - 1) // bk, n_kv) if causal else n_kv
-    acc, m, l = jax.lax.fori_loop(0, n, body, (jnp.zeros(q.shape, jnp.float32), jnp.full(bq, NEG, jnp.float32), jnp.zeros(bq, jnp.float32)))
-    safe = jnp.where(l == 0, 1.0, l)
-    o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l == 0, -NEG, m + jnp.log(safe))
+        return online_softmax_step(carry, jnp.dot(q, kb.T, preferred_element_type=jnp.float32), mask, vb, pv)
+    n = kv_blocks_seen(i, bq, bk, n_kv, causal)
+    out, lse = online_softmax_result(jax.lax.fori_loop(0, n, body, online_softmax_init(q.shape)))
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
-def _flash_dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, *, scale, causal, bq, bk, n_q):
+def _flash_dkv_kernel(
+    q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, *, scale, causal, bq, bk, n_q
+):
     j = pl.program_id(2)
     kb = k_ref[...].astype(jnp.float32); vb = v_ref[...].astype(jnp.float32); ks = ks_ref[...]
     def body(i, carry):
@@ -458,12 +511,14 @@ def _flash_dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_re
         dv = dv + jnp.dot(p.T, do, preferred_element_type=jnp.float32)
         ds = p * (jnp.dot(do, vb.T, preferred_element_type=jnp.float32) - d_ref[pl.ds(i * bq, bq)][:, None])
         return dk + jnp.dot(ds.T, q, preferred_element_type=jnp.float32), dv
-    start = (j * bk) // bq if causal else 0
+    start = first_q_block_seeing(j, bq, bk, causal)
     z = jnp.zeros(kb.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(start, n_q, body, (z, z))
     dk_ref[...] = dk.astype(dk_ref.dtype); dv_ref[...] = dv.astype(dv_ref.dtype)
 
-def _flash_dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dq_ref, *, scale, causal, bq, bk, n_kv):
+def _flash_dq_kernel(
+    q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dq_ref, *, scale, causal, bq, bk, n_kv
+):
     i = pl.program_id(2)
     q = q_ref[...].astype(jnp.float32) * scale; do = do_ref[...].astype(jnp.float32)
     qs, lse, dl = qs_ref[...], lse_ref[...], d_ref[...]
@@ -474,7 +529,7 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref
         p = jnp.where(mask, jnp.exp(jnp.dot(q, kb.T, preferred_element_type=jnp.float32) - lse[:, None]), 0.0)
         ds = p * (jnp.dot(do, vb.T, preferred_element_type=jnp.float32) - dl[:, None])
         return dq + jnp.dot(ds, kb, preferred_element_type=jnp.float32)
-    n = jnp.minimum(((i + 1) * bq + bk - 1) // bk, n_kv) if causal else n_kv
+    n = kv_blocks_seen(i, bq, bk, n_kv, causal)
     dq_ref[...] = (jax.lax.fori_loop(0, n, body, jnp.zeros(q.shape, jnp.float32)) * scale).astype(dq_ref.dtype)
 
 def _specs(B, H, G, Tp, Sp, D, bq, bk, per: str):
@@ -483,11 +538,24 @@ def _specs(B, H, G, Tp, Sp, D, bq, bk, per: str):
     full_kv = pl.BlockSpec((None, None, Sp, D), lambda b, h, x: (b, h // G, 0, 0))
     blk_q = pl.BlockSpec((None, None, bq, D), lambda b, h, x: (b, h, x, 0))
     blk_kv = pl.BlockSpec((None, None, bk, D), lambda b, h, x: (b, h // G, x, 0))
-    qs_full, ks_full = pl.BlockSpec((None, Tp), lambda b, h, x: (b, 0)), pl.BlockSpec((None, Sp), lambda b, h, x: (b, 0))
+    qs_full, ks_full = (
+        pl.BlockSpec((None, Tp), lambda b, h, x: (b, 0)),
+        pl.BlockSpec((None, Sp), lambda b, h, x: (b, 0)),
+    )
     qs_blk, ks_blk = pl.BlockSpec((None, bq), lambda b, h, x: (b, x)), pl.BlockSpec((None, bk), lambda b, h, x: (b, x))
-    row_full, row_blk = pl.BlockSpec((None, None, Tp), lambda b, h, x: (b, h, 0)), pl.BlockSpec((None, None, bq), lambda b, h, x: (b, h, x))
+    row_full, row_blk = (
+        pl.BlockSpec((None, None, Tp), lambda b, h, x: (b, h, 0)),
+        pl.BlockSpec((None, None, bq), lambda b, h, x: (b, h, x)),
+    )
     if per == 'q': return dict(q=blk_q, kv=full_kv, qs=qs_blk, ks=ks_full, row=row_blk, out=blk_q)
-    return dict(q=full_q, kv=blk_kv, qs=qs_full, ks=ks_blk, row=row_full, out=pl.BlockSpec((None, None, bk, D), lambda b, h, x: (b, h, x, 0)))
+    return dict(
+        q=full_q,
+        kv=blk_kv,
+        qs=qs_full,
+        ks=ks_blk,
+        row=row_full,
+        out=pl.BlockSpec((None, None, bk, D), lambda b, h, x: (b, h, x, 0)),
+    )
 
 def _gpu_params(interpret: bool):
     """Compiled on a GPU, the kernels ask for Triton by name. JAX 0.10's default Pallas GPU backend (Mosaic GPU) stages
@@ -509,9 +577,14 @@ def _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
     sp = _specs(B, H, H // K, Tp, Sp, D, bq, bk, 'q')
     out, lse = pl.pallas_call(
         partial(_flash_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk, n_kv=Sp // bk),
-        grid=(B, H, Tp // bq), in_specs=[sp['q'], sp['kv'], sp['kv'], sp['qs'], sp['ks']], out_specs=[sp['out'], sp['row']],
+        grid=(B, H, Tp // bq),
+        in_specs=[sp['q'], sp['kv'], sp['kv'], sp['qs'], sp['ks']],
+        out_specs=[sp['out'], sp['row']],
         out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
-        interpret=interpret, compiler_params=_gpu_params(interpret), name='xgen_flash_fwd')(qh, kh, vh, qs, ks)
+        interpret=interpret,
+        compiler_params=_gpu_params(interpret),
+        name='xgen_flash_fwd',
+    )(qh, kh, vh, qs, ks)
     return out[:, :, :T].transpose(0, 2, 1, 3), lse
 
 def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
@@ -526,19 +599,28 @@ def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     kw = dict(scale=scale, causal=causal, bq=bq, bk=bk)
     sk = _specs(B, H, G, Tp, Sp, D, bq, bk, 'k')
     dk, dv = pl.pallas_call(
-        partial(_flash_dkv_kernel, n_q=Tp // bq, **kw), grid=(B, H, Sp // bk),
-        in_specs=[sk['q'], sk['kv'], sk['kv'], sk['qs'], sk['ks'], sk['q'], sk['row'], sk['row']], out_specs=[sk['out'], sk['out']],
-        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2, interpret=interpret, compiler_params=_gpu_params(interpret),
+        partial(_flash_dkv_kernel, n_q=Tp // bq, **kw),
+        grid=(B, H, Sp // bk),
+        in_specs=[sk['q'], sk['kv'], sk['kv'], sk['qs'], sk['ks'], sk['q'], sk['row'], sk['row']],
+        out_specs=[sk['out'], sk['out']],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Sp, D), jnp.float32)] * 2,
+        interpret=interpret,
+        compiler_params=_gpu_params(interpret),
         name='xgen_flash_dkv',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
     sq = _specs(B, H, G, Tp, Sp, D, bq, bk, 'q')
     dq = pl.pallas_call(
-        partial(_flash_dq_kernel, n_kv=Sp // bk, **kw), grid=(B, H, Tp // bq),
-        in_specs=[sq['q'], sq['kv'], sq['kv'], sq['qs'], sq['ks'], sq['q'], sq['row'], sq['row']], out_specs=sq['out'],
-        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), interpret=interpret, compiler_params=_gpu_params(interpret),
+        partial(_flash_dq_kernel, n_kv=Sp // bk, **kw),
+        grid=(B, H, Tp // bq),
+        in_specs=[sq['q'], sq['kv'], sq['kv'], sq['qs'], sq['ks'], sq['q'], sq['row'], sq['row']],
+        out_specs=sq['out'],
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype),
+        interpret=interpret,
+        compiler_params=_gpu_params(interpret),
         name='xgen_flash_dq',
     )(qh, kh, vh, qs, ks, doh, lse, delta)
-    group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)   # per query head -> per KV head
+    # per query head -> per KV head
+    group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)
     return dq[:, :, :T].transpose(0, 2, 1, 3), group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -555,8 +637,19 @@ def _flash_vjp_bwd(causal, bs, scale, interpret, res, do):
 
 _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
-def attention_flash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
-                    causal: bool = True, block_sizes: BlockSizes = BlockSizes(), interpret: bool | None = None) -> jax.Array:
+def attention_flash(
+    q,
+    k,
+    v,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    *,
+    causal: bool = True,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool | None = None,
+) -> jax.Array:
     """Our Pallas FlashAttention (forward and backward kernels). Self-attention, index-causal, segment ids >= 0.
     `interpret` defaults to what the platform the program is lowered for needs: True on CPU (the kernels run as plain
     JAX ops), False on GPU (Triton), so exporting for `cuda` from a CPU host lowers the real kernels."""
@@ -564,6 +657,7 @@ def attention_flash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_position
     run = lambda i, *a: _flash(*a, causal, block_sizes, q.shape[-1] ** -0.5, i)
     if interpret is not None: return run(interpret, q, k, v, q_seg, kv_seg)
     return _per_platform(run, cpu=True, cuda=False, rocm=False)(q, k, v, q_seg, kv_seg)
+
 
 # %% [markdown]
 # In interpret mode on this CPU, against the reference, over block sizes, GQA ratios and both masks
@@ -575,6 +669,7 @@ for bs, (H, K) in ((BlockSizes(16, 16), (4, 2)), (BlockSizes(32, 16), (4, 4)), (
         errs = check(partial(attention_flash, block_sizes=bs), T=80, H=H, K=K, causal=causal)
         print(f'block_q={bs.block_q} block_kv={bs.block_kv} heads {H}/{K} causal={causal}: max |error| out, dq, dk, dv =',
               [f'{e:.1e}' for e in errs])
+
 
 # %% [markdown]
 # ## Splash attention (TPU)
@@ -590,27 +685,44 @@ for bs, (H, K) in ((BlockSizes(16, 16), (4, 2)), (BlockSizes(32, 16), (4, 4)), (
 # %%
 #| export
 def _splash_kernel(seq_len: int, n_heads: int, causal: bool, bs: BlockSizes, interpret: bool):
-    # Built afresh in each trace, not cached: a cached kernel carries device arrays (its mask tables) from an earlier trace,
+    # Built afresh in each trace, not cached: a cached kernel carries device arrays (its mask tables) from an earlier
+    # trace,
     # which a later `jax.export` lifts into extra arguments and then refuses (found by tests/test_lowering.py).
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk, splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
     mask = sm.CausalMask((seq_len, seq_len)) if causal else sm.FullMask((seq_len, seq_len))
     bq, bk = bs.block_q, bs.block_kv
     qb, kb = bs.bwd
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=qb, block_kv_dkv=kb,
                            block_kv_dkv_compute=kb, block_q_dq=qb, block_kv_dq=kb)
-    return sk.make_splash_mha(mask=sm.MultiHeadMask([mask] * n_heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    return sk.make_splash_mha(
+        mask=sm.MultiHeadMask([mask] * n_heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
-def attention_splash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
-                     causal: bool = True, block_sizes: BlockSizes = BlockSizes(512, 512), interpret: bool | None = None) -> jax.Array:
-    "JAX's TPU splash attention, vmapped over the batch; interpret mode off TPU. Blocks: multiples of 128 dividing the length."
+def attention_splash(
+    q,
+    k,
+    v,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    *,
+    causal: bool = True,
+    block_sizes: BlockSizes = BlockSizes(512, 512),
+    interpret: bool | None = None,
+) -> jax.Array:
+    "JAX's TPU splash attention, vmapped over the batch; interpret mode off TPU. Blocks: multiples of 128 dividing "
+    "the length."
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'splash')
     (B, T, H, D) = q.shape
     bs = block_sizes.fit(T, T)
     blocks = (bs.block_q, bs.block_kv, *bs.bwd)
     if any(b % 128 or T % b for b in blocks):
-        raise ValueError(f"splash attention needs block sizes that are multiples of 128 and divide the length {T}; got {bs}")
+        raise ValueError(
+            f"splash attention needs block sizes that are multiples of 128 and divide the length {T}; got {bs}"
+        )
     def run(interpret, q, k, v, q_seg, kv_seg):
         kernel = _splash_kernel(T, H, causal, bs, interpret)
         one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=sk.SegmentIds(q=qs, kv=ks))
@@ -619,6 +731,7 @@ def attention_splash(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positio
     args = (q, k, v, q_seg, kv_seg)
     out = run(interpret, *args) if interpret is not None else _per_platform(run, cpu=True, tpu=False)(*args)
     return out.transpose(0, 2, 1, 3).astype(q.dtype)
+
 
 # %%
 errs = check(partial(attention_splash, block_sizes=BlockSizes(128, 128)), T=256, H=4, K=2, eps=5e-5)
@@ -636,7 +749,7 @@ print('splash (interpret): max |error| out, dq, dk, dv =', [f'{e:.1e}' for e in 
 # | `blockwise` | online softmax in plain JAX, custom VJP, linear memory | everywhere |
 # | `flash` | our Pallas kernels | GPU (Triton, asked for by name), CPU (interpret mode, for testing) |
 # | `splash` | JAX's TPU splash kernel | TPU (Mosaic), CPU (interpret mode, for testing) |
-# | `seq_ring`, `seq_allgather` | sequence-parallel attention over a mesh's `sequence` axis (notebook 13) | everywhere, inside `jax.set_mesh` |
+# | `seq_ring`, `seq_allgather` | sequence-parallel attention over a mesh's `sequence` axis (notebook 14, which registers them) | everywhere, inside `jax.set_mesh` |
 # | `auto` | the best of these for the platform and length | |
 #
 # `auto` picks splash on TPU when the length is a multiple of 128 (splash's tiles; blockwise otherwise) and flash on
@@ -662,62 +775,84 @@ print('splash (interpret): max |error| out, dq, dk, dv =', [f'{e:.1e}' for e in 
 # - **Mosaic (TPU)** wants each block's last two dimensions divisible by 8 and 128 (or equal to the array's). Our
 #   kernels' per-row statistics (`lse`, one value per query) break that rule, so `flash` is not offered on TPU; JAX's
 #   splash kernel is, for lengths that are multiples of 128, and blockwise attention for the rest.
+#
+# The table is open: `register_impl` adds an implementation with the platforms it runs on. This module holds only the
+# single-device kernels; the sequence-parallel ones need a device mesh and live in their own module
+# (`xgen_small.seqpar`, notebook 14), which registers `seq_ring` and `seq_allgather` when imported (the training loop imports
+# it), so the dependency runs one way: mesh code uses these kernels, never the reverse.
 
 # %%
 #| export
-def _sharding_impl(name: str):
-    "Sequence-parallel implementations live with the mesh code (notebook 13); imported on first use."
-    def call(*args, **kw):
-        from xgen_small import sharding
-        return getattr(sharding, name)(*args, **kw)
-    return call
-
-IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_blockwise, 'flash': attention_flash,
-                         'splash': attention_splash, 'seq_ring': _sharding_impl('attention_ring'),
-                         'seq_allgather': _sharding_impl('attention_allgather')}
 _ALL = {'cpu', 'gpu', 'tpu'}
-PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}, 'seq_ring': _ALL, 'seq_allgather': _ALL}
+IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_blockwise, 'flash': attention_flash,
+                         'splash': attention_splash}
+PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}}
+
+def register_impl(name: str, fn, platforms=_ALL):
+    "Make `fn` (called like `attention_reference`, plus `block_sizes=` when given) available as `impl=name`."
+    if name == 'auto': raise ValueError("'auto' is not an implementation name")
+    IMPLEMENTATIONS[name], PLATFORMS[name] = fn, set(platforms)
+
 _PLATFORM_KEYS = {'cpu': ('cpu',), 'gpu': ('cuda', 'rocm'), 'tpu': ('tpu',)}     # JAX's backends -> lowering platforms
 
 def resolve_impl(impl: str = 'auto', seq_len: int | None = None, platform: str | None = None) -> str:
     "The implementation that `impl` means on `platform` (default: JAX's backend) for sequences of `seq_len`."
     platform = platform or jax.default_backend()
     if impl == 'auto':
-        if platform == 'tpu': return 'splash' if seq_len is None or seq_len % 128 == 0 else 'blockwise'   # splash's tiles
+        if platform == 'tpu':
+            return 'splash' if seq_len is None or seq_len % 128 == 0 else 'blockwise'  # splash's tiles
         if platform == 'gpu': return 'flash'
         return 'xla' if seq_len is None or seq_len <= 512 else 'blockwise'
     if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {impl!r}; available: {', '.join(['auto', *sorted(IMPLEMENTATIONS)])}")
+        hint = (
+            ' (the sequence-parallel ones register when xgen_small.seqpar is imported)'
+            if impl.startswith('seq_')
+            else ''
+        )
+        raise ValueError(
+            f"unknown attention implementation {impl!r}; available: "
+            f"{', '.join(['auto', *sorted(IMPLEMENTATIONS)])}{hint}"
+        )
     if platform not in PLATFORMS[impl]:
         ok = sorted(n for n, p in PLATFORMS.items() if platform in p)
-        raise ValueError(f"attention implementation {impl!r} does not run on {platform}; available there: {', '.join(['auto', *ok])}")
+        raise ValueError(
+            f"attention implementation {impl!r} does not run on {platform}; available there: {', '.join(['auto', *ok])}"
+        )
     return impl
 
 def attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *,
               causal: bool = True, impl: str = 'auto', block_sizes: BlockSizes | None = None) -> jax.Array:
-    """Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in `attention_reference`.
-    `auto` is resolved for the platform the program is lowered for (this machine's, or `jax.export`'s target)."""
+    """Grouped-query attention through implementation `impl` (see `IMPLEMENTATIONS`); arguments as in
+    `attention_reference`. `auto` is resolved for the platform the program is lowered for (this machine's, or
+    `jax.export`'s target)."""
     T = q.shape[1]
     resolve_impl(impl, T)                          # an unknown name, or one this machine cannot run: a clear error now
     def run(name, *args):
         kw = {} if name == 'xla' or block_sizes is None else dict(block_sizes=block_sizes)
         return IMPLEMENTATIONS[name](*args, causal=causal, **kw)
     args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    if impl != 'auto': return run(impl, *args)     # flash and splash choose their interpret mode per platform themselves
-    per = {key: partial(run, resolve_impl('auto', T, platform)) for platform, keys in _PLATFORM_KEYS.items() for key in keys}
+    if impl != 'auto':
+        return run(impl, *args)  # flash and splash choose their interpret mode per platform themselves
+    per = {
+        key: partial(run, resolve_impl('auto', T, platform))
+        for platform, keys in _PLATFORM_KEYS.items()
+        for key in keys
+    }
     return jax.lax.platform_dependent(*args, **per)
+
 
 # %%
 test_close(attention(q, k, v, impl='auto'), ours, eps=1e-7)
 test_close(attention(q, k, v, impl='blockwise', block_sizes=BlockSizes(8, 8)), ours, eps=1e-5)
 test_eq([resolve_impl('auto', n, p) for n, p in ((256, 'cpu'), (1024, 'cpu'), (8192, 'gpu'), (8192, 'tpu'), (200, 'tpu'))],
         ['xla', 'blockwise', 'flash', 'splash', 'blockwise'])
-test_fail(lambda: attention(q, k, v, impl='cudnn'), contains='available: auto, blockwise, flash, seq_allgather, seq_ring, splash, xla')
-test_fail(lambda: resolve_impl('splash', platform='gpu'), contains='available there: auto, blockwise, flash, seq_allgather, seq_ring, xla')
+test_fail(lambda: attention(q, k, v, impl='cudnn'), contains='available: auto, blockwise, flash, splash, xla')
+test_fail(lambda: resolve_impl('splash', platform='gpu'), contains='available there: auto, blockwise, flash, xla')
 test_fail(lambda: resolve_impl('flash', platform='tpu'), contains="'flash' does not run on tpu")
 test_fail(lambda: attention_flash(q[:, :8], k, v), contains='self-attention')
 test_fail(lambda: BlockSizes(0, 16), contains='block_q')
 test_fail(lambda: attention_splash(q, k, v), contains='multiples of 128')
+
 
 # %% [markdown]
 # ## Memory: quadratic versus linear

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Model
 #
-# > The Llama-style decoder in Flax NNX: grouped-query attention blocks stacked on a `layers` axis and run by `jax.lax.scan`, an explicit KV cache, and parameter counts checked against the closed form.
+# > The Llama-style decoder in Flax NNX: scanned layers, remat, a KV cache, parameter counts in closed form.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/12_model.ipynb)
 
@@ -154,8 +154,12 @@ class Attention(nnx.Module):
         if cache is None:
             k_all, v_all, kv_segment_ids, kv_positions = k, v, segment_ids, positions
         else:   # write the new keys/values in place, then read this layer's slots as a [B, S, K, h] view
-            ks, vs = (jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3)[None].astype(c.dtype), (layer, 0, 0, cache.index, 0))
-                      for c, new in ((cache.k, k), (cache.v, v)))
+            ks, vs = (
+                jax.lax.dynamic_update_slice(
+                    c, new.transpose(0, 2, 1, 3)[None].astype(c.dtype), (layer, 0, 0, cache.index, 0)
+                )
+                for c, new in ((cache.k, k), (cache.v, v))
+            )
             k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).swapaxes(1, 2) for c in (ks, vs))
             cache, kv_segment_ids, kv_positions = cache._replace(k=ks, v=vs), cache.segment_ids, cache.positions
         # kernels compute self-attention over the whole sequence; decoding against a cache uses the reference path
@@ -180,7 +184,7 @@ class Attention(nnx.Module):
 # Input checks happen here, at the model's door: a sequence longer than `max_seq_len` fails at trace
 # time; out-of-range token ids fail at once when the ids are concrete, and inside `jit` (where ids
 # are abstract) the embedding lookup returns NaN for them, so the loss turns NaN and the train loop
-# stops loudly (notebook 15) instead of JAX's default of silently clamping the index.
+# stops loudly (notebook 18) instead of JAX's default of silently clamping the index.
 
 # %%
 #| export
@@ -214,9 +218,13 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         dt = cfg.param_jnp_dtype
-        self.embed = logical_param(rngs.params(), (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), dt, std=cfg.init_std)
+        self.embed = logical_param(
+            rngs.params(), (cfg.vocab_size, cfg.d_model), ('vocab', 'embed'), dt, std=cfg.init_std
+        )
         keys = jax.random.split(rngs.params(), cfg.n_layers)
-        make = nnx.vmap(lambda key: Block(cfg, rngs=nnx.Rngs(params=key)), transform_metadata={nnx.PARTITION_NAME: 'layers'})
+        make = nnx.vmap(
+            lambda key: Block(cfg, rngs=nnx.Rngs(params=key)), transform_metadata={nnx.PARTITION_NAME: 'layers'}
+        )
         self.layers = make(keys)
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=dt)
         self.lm_head = None if cfg.tie_embeddings else logical_param(
@@ -227,16 +235,17 @@ class Decoder(nnx.Module):
         return self.forward(tokens, positions, segment_ids)[0]
 
     def forward(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, last_only: bool = False):
-        """Logits and the updated cache (None without one). Defaults: one segment; positions count on from `cache.index`.
-        `last_only` computes logits for the last position alone (all a decoder's prefill needs; the vocabulary
-        projection is a large share of a small model's work)."""
+        """Logits and the updated cache (None without one). Defaults: one segment; positions count on from
+        `cache.index`. `last_only` computes logits for the last position alone (all a decoder's prefill needs; the
+        vocabulary projection is a large share of a small model's work)."""
         cfg, dt = self.cfg, self.cfg.compute_jnp_dtype
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array [batch, length], got {tokens.dtype}{list(tokens.shape)}")
         B, T = tokens.shape
         if T > cfg.max_seq_len: raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-        if cache is not None and T > cache.slots: raise ValueError(f"{T} tokens do not fit a cache of {cache.slots} slots")
+        if cache is not None and T > cache.slots:
+            raise ValueError(f"{T} tokens do not fit a cache of {cache.slots} slots")
         check_tokens(tokens, cfg.vocab_size)
         start = 0 if cache is None else cache.index
         if positions is None: positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -246,8 +255,11 @@ class Decoder(nnx.Module):
         x = constrain(x, ('batch', 'length', 'embed'))
         if cache is not None:   # record who now sits in the slots being written
             cache = cache._replace(
-                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index)),
-                positions=jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index)))
+                segment_ids=jax.lax.dynamic_update_slice(
+                    cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index)
+                ),
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index)),
+            )
 
         graphdef, params = nnx.split(self.layers)
         def layer(carry, xs):   # the cache rides in the carry, so each layer updates it in place
@@ -306,8 +318,17 @@ def abstract_model(cfg: ModelConfig) -> Decoder:
     "A `Decoder` whose parameters are `jax.ShapeDtypeStruct`s: shapes and dtypes only, no memory."
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
+def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    "`[batch, length]` log-probability of each target token, in float32: what every scorer of a model's outputs reads."
+    logits = logits.astype(jnp.float32)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+
+def params_of(model: Decoder) -> dict:
+    "The parameters of `model` as a pure dict of arrays (what checkpoints, `model_with_params` and optimizers take)."
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
 def model_with_params(cfg: ModelConfig, params: dict) -> Decoder:
-    "A `Decoder` of `cfg` holding `params` (a pure dict, as `nnx.to_pure_dict` returns), without initialising one first."
+    "A `Decoder` of `cfg` holding `params` (a pure dict, as `params_of` returns), without initialising one first."
     shell = abstract_model(cfg)
     state = nnx.state(shell, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
@@ -329,7 +350,7 @@ test_eq(count_params(abstract_model(cfg.replace(tie_embeddings=True))), num_para
 
 # %%
 _m = Decoder(get_preset('tiny'), rngs=nnx.Rngs(3))
-_copy = model_with_params(_m.cfg, nnx.to_pure_dict(nnx.state(_m, nnx.Param)))
+_copy = model_with_params(_m.cfg, params_of(_m))
 _x = jnp.arange(16)[None]
 assert np.array_equal(np.asarray(_copy(_x)), np.asarray(_m(_x)))     # same weights, same function
 

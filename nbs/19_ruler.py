@@ -15,7 +15,7 @@
 # %% [markdown]
 # # RULER-style synthetic tasks
 #
-# > Needle-in-a-haystack (single, multi-key, multi-value, multi-query), variable tracking, common- and frequent-word extraction: generated deterministically from a seed at any length in tokens, scored by exact match of every expected answer.
+# > RULER-style tasks (needles, variable tracking, common and frequent words) at exact token lengths.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/19_ruler.ipynb)
 
@@ -66,10 +66,11 @@ if 'google.colab' in sys.modules:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+from xgen_small.config import Config
 from xgen_small.tokenizer import Tokenizer
 
 # %% [markdown]
@@ -100,7 +101,7 @@ window winter wizard wolf yacht zebra'''.split())
 TASKS = ('niah_single', 'niah_multikey', 'niah_multivalue', 'niah_multiquery', 'vt', 'cwe', 'fwe')
 
 @dataclass(frozen=True)
-class RulerConfig:
+class RulerConfig(Config):
     "Difficulty knobs of the tasks (RULER's defaults where they fit a small model's vocabulary)."
     digits: int = 7              # length of each needle value
     n_distractors: int = 3       # niah_multikey: needles with other keys
@@ -113,14 +114,19 @@ class RulerConfig:
     fwe_alpha: float = 2.0       # fwe: Zipf exponent
     fwe_top: int = 3             # fwe: how many frequent words to return
     haystack: str = 'noise'      # 'noise' or 'text' (documents passed to `make_sample`)
-    depth: tuple = (0.0, 1.0)    # where needles may sit, as fractions of the haystack (0 = its start, farthest from the question)
+    depth: tuple = (
+        0.0,
+        1.0,
+    )  # where needles may sit, as fractions of the haystack (0 = its start, farthest from the question)
 
     def __post_init__(self):
         for n in ('digits', 'n_distractors', 'n_values', 'n_queries', 'vt_hops', 'cwe_common', 'cwe_common_freq',
                   'cwe_rare_freq', 'fwe_top'):
             if getattr(self, n) < 1: raise ValueError(f"RulerConfig.{n} must be positive, got {getattr(self, n)}")
-        if self.cwe_common_freq <= self.cwe_rare_freq: raise ValueError("RulerConfig.cwe_common_freq must exceed cwe_rare_freq")
-        if self.haystack not in ('noise', 'text'): raise ValueError(f"RulerConfig.haystack must be 'noise' or 'text', got {self.haystack!r}")
+        if self.cwe_common_freq <= self.cwe_rare_freq:
+            raise ValueError("RulerConfig.cwe_common_freq must exceed cwe_rare_freq")
+        if self.haystack not in ('noise', 'text'):
+            raise ValueError(f"RulerConfig.haystack must be 'noise' or 'text', got {self.haystack!r}")
         if len(self.depth) != 2 or not 0 <= self.depth[0] < self.depth[1] <= 1:
             raise ValueError(f"RulerConfig.depth must be (lo, hi) with 0 <= lo < hi <= 1, got {self.depth!r}")
 
@@ -183,7 +189,7 @@ def noise_tokens(tok: Tokenizer, n: int) -> list:
 def _splice(filler: list, ends: np.ndarray, needles: list[list], rng, depth=(0.0, 1.0)) -> tuple[list, list]:
     """Insert each needle at a random sentence boundary of `filler` (in order) between fractions `depth` of it
     (the nearest boundary when that window holds none); returns the ids and each needle's start."""
-    cand = np.concatenate([[0], ends])                    # every boundary lies in [0, len(filler)]: (0, 1) keeps them all
+    cand = np.concatenate([[0], ends])  # every boundary lies in [0, len(filler)]: (0, 1) keeps them all
     lo, hi = depth[0] * len(filler), depth[1] * len(filler)
     inside = cand[(cand >= lo) & (cand <= hi)]
     cand = inside if len(inside) else cand[[int(np.argmin(np.abs(cand - (lo + hi) / 2)))]]
@@ -247,8 +253,16 @@ def _vt(tok, rng, cfg):
         n = _var_name(rng)
         if n not in names: names.append(n)
     stmts = [f' VAR {names[0]} = {value}.'] + [f' VAR {b} = VAR {a}.' for a, b in zip(names, names[1:])]
-    q = f' Question: Find all variables that are assigned the value {value} in the text above. Answer: According to the chain(s) of variable assignment in the text above, {len(names)} variables are assigned the value {value}, they are:'
-    return _INTRO['vt'], [tok.encode(s) for s in stmts], q, names, len(tok.encode(' ' + ', '.join(names) + '.')) + 2   # room for every name
+    q = (f' Question: Find all variables that are assigned the value {value} in the text above.'
+         ' Answer: According to the chain(s) of variable assignment in the text above,'
+         f' {len(names)} variables are assigned the value {value}, they are:')
+    return (
+        _INTRO['vt'],
+        [tok.encode(s) for s in stmts],
+        q,
+        names,
+        len(tok.encode(' ' + ', '.join(names) + '.')) + 2,
+    )  # room for every name
 
 def _word_list(tok, words, budget, rng):
     "A numbered list ' 1. w 2. w ...' of `words` in random order, as ids; None if it exceeds `budget` tokens."
@@ -276,12 +290,13 @@ def _cwe(tok, rng, cfg, budget):
     if best is None or best[1] < cfg.cwe_common:
         raise ValueError(f"cwe: {budget} tokens cannot hold {cfg.cwe_common} common and {cfg.cwe_common} rare words")
     best = best[0]
-    q = f' Question: What are the {cfg.cwe_common} most common words in the above list? Answer: The top {cfg.cwe_common} words that appear most often in the list are:'
+    q = (f' Question: What are the {cfg.cwe_common} most common words in the above list?'
+         f' Answer: The top {cfg.cwe_common} words that appear most often in the list are:')
     return best, q, common
 
 def _fwe(tok, rng, cfg, budget, tries: int = 20):
-    """Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used; redrawn (from the
-    same generator, so still a function of the seed) while the top `fwe_top` words tie with the next."""
+    """Coded words drawn from Zipf(`fwe_alpha`) over a small vocabulary until `budget` tokens are used; redrawn (from
+    the same generator, so still a function of the seed) while the top `fwe_top` words tie with the next."""
     vocab = []
     while len(vocab) < 32:
         w = ''.join(chr(c) for c in rng.integers(97, 123, 5))
@@ -302,7 +317,8 @@ def _fwe(tok, rng, cfg, budget, tries: int = 20):
         ranked = sorted(counts, key=lambda w: (-counts[w], vocab.index(w)))
         if len(ranked) <= cfg.fwe_top or counts[ranked[cfg.fwe_top - 1]] > counts[ranked[cfg.fwe_top]]: break
     else: raise ValueError(f"fwe: the top words tied in {tries} draws at this length; use a longer length")
-    q = f' Question: What are the {cfg.fwe_top} most frequently appeared words in the above coded text? Answer: According to the coded text above, the {cfg.fwe_top} most frequently appeared words are:'
+    q = (f' Question: What are the {cfg.fwe_top} most frequently appeared words in the above coded text?'
+         f' Answer: According to the coded text above, the {cfg.fwe_top} most frequently appeared words are:')
     return ids, q, ranked[:cfg.fwe_top]
 
 # %% [markdown]
@@ -321,7 +337,8 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
                 texts=None) -> RulerSample:
     "One `task` example whose prompt plus answer budget is exactly `length` tokens of `tok`."
     if task not in TASKS: raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if cfg.haystack == 'text' and not texts: raise ValueError("RulerConfig.haystack='text' needs `texts` (documents for the haystack)")
+    if cfg.haystack == 'text' and not texts:
+        raise ValueError("RulerConfig.haystack='text' needs `texts` (documents for the haystack)")
     rng = np.random.default_rng([seed, TASKS.index(task), length])
     hay = _Haystack(tok, texts) if cfg.haystack == 'text' else _noise_haystack(tok)
     if task in ('cwe', 'fwe'):
@@ -330,15 +347,23 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
         # a letter), each with its space and comma
         per_word = max(len(tok.encode(f' {w},')) for w in KEY_WORDS) if task == 'cwe' else 7
         budget_answer = per_word * (cfg.cwe_common if task == 'cwe' else cfg.fwe_top) + 4
-        q_len = len(tok.encode(' Question: What are the 10 most frequently appeared words in the above coded text? Answer: According to the coded text above, the 10 most frequently appeared words are:'))
+        q_len = len(
+            tok.encode(
+                ' Question: What are the 10 most frequently appeared words in the above coded text? Answer: According '
+                'to the coded text above, the 10 most frequently appeared words are:'
+            )
+        )
         room = length - budget_answer - len(intro) - q_len
-        if room < 8: raise ValueError(f"{task}: length {length} is too short (needs more than {length - room + 8} tokens)")
+        if room < 8:
+            raise ValueError(f"{task}: length {length} is too short (needs more than {length - room + 8} tokens)")
         body, q, answers = (_cwe if task == 'cwe' else _fwe)(tok, rng, cfg, room)
         q_ids = tok.encode(q)
         pad, _ = hay.take(length - budget_answer - len(intro) - len(body) - len(q_ids), rng)   # top up with noise
         ids, depths = intro + body + pad + q_ids, ()
     else:
-        intro, needles, q, answers, budget_answer = _niah(tok, rng, cfg, task) if task.startswith('niah') else _vt(tok, rng, cfg)
+        intro, needles, q, answers, budget_answer = (
+            _niah(tok, rng, cfg, task) if task.startswith('niah') else _vt(tok, rng, cfg)
+        )
         intro, q_ids = tok.encode(intro), tok.encode(q)
         n_fill = length - budget_answer - len(intro) - len(q_ids) - sum(map(len, needles))
         if n_fill < 0:
@@ -347,7 +372,8 @@ def make_sample(tok: Tokenizer, task: str, length: int, seed: int = 0, cfg: Rule
         body, starts = _splice(filler, ends, needles, rng, cfg.depth)
         ids = intro + body + q_ids
         depths = tuple(round((len(intro) + s) / len(ids), 4) for s in starts)
-    if len(ids) != length - budget_answer: raise AssertionError(f"{task}: built {len(ids)} tokens, wanted {length - budget_answer}")
+    if len(ids) != length - budget_answer:
+        raise AssertionError(f"{task}: built {len(ids)} tokens, wanted {length - budget_answer}")
     return RulerSample(task, length, seed, ids, tuple(answers), budget_answer, depths)
 
 # %% [markdown]
@@ -372,7 +398,9 @@ def answer_text(sample: RulerSample) -> str:
     "The reference continuation of `sample`'s prompt: its answers, comma-separated, closed by a full stop."
     return ' ' + ', '.join(map(str, sample.answers)) + '.'
 
-def training_document(tok: Tokenizer, task: str, length: int, seed: int, cfg: RulerConfig = RulerConfig(), texts=None) -> list:
+def training_document(
+    tok: Tokenizer, task: str, length: int, seed: int, cfg: RulerConfig = RulerConfig(), texts=None
+) -> list:
     "A synthetic retrieval document for training: a `task` prompt of about `length` tokens followed by its answer."
     s = make_sample(tok, task, length, seed, cfg, texts)
     return s.input_ids + tok.encode(answer_text(s))

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Long context: two-stage extension and over-length training
 #
-# > Why the RoPE base must grow (and by how much), the stage recipe (32K, 128K, then 256K over-length at full scale; 512 to 2K, then 4K on a CPU), the long-document mixture, the extension run on the sequence-sharded, memory-linear path, and the tiny model's passkey going from 6% to 100% at four times its pre-training length.
+# > Why the RoPE base grows, two-stage length extension with over-length training, and its recipe.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/20_long_context.ipynb)
 
@@ -55,7 +55,7 @@ if 'google.colab' in sys.modules:
 #
 # Attention at these lengths is quadratic in time but need not be in memory: the stages run on the
 # memory-linear blockwise path (notebook 11) and, when the mesh has a `sequence` axis, the ring sequence-parallel
-# attention of notebook 13, which splits each sequence across devices.
+# attention of notebook 14, which splits each sequence across devices.
 
 # %%
 #| export
@@ -69,10 +69,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from xgen_small import ruler
-from xgen_small.config import ConfigError, ModelConfig
+from xgen_small.config import Config, ConfigError, ModelConfig
 from xgen_small.data.loader import TokenStore, build_token_store
 from xgen_small.generate import generate
 from xgen_small.layers import rope_frequencies
@@ -80,7 +79,11 @@ from xgen_small.model import Decoder, model_with_params
 from xgen_small.schedules import LRPhase
 from xgen_small.sharding import MeshConfig
 from xgen_small.tokenizer import Tokenizer
-from xgen_small.train import TrainConfig, TrainResult, train
+from xgen_small.train import TrainConfig, train
+
+
+# %%
+from flax import nnx
 
 # %% [markdown]
 # ## Why the RoPE base must grow
@@ -131,10 +134,12 @@ def rope_base_for(theta: float, head_dim: int, base_len: int, target_len: int, r
     `rule='critical'` keeps every pair that did not complete a turn in pre-training within the arc it swept there;
     `rule='ntk'` keeps only the slowest pair there (the NTK-aware base)."""
     if target_len < base_len: raise ValueError(f"target_len {target_len} is shorter than base_len {base_len}")
-    if rule not in ('critical', 'ntk'): raise ValueError(f"unknown RoPE base rule {rule!r}; expected 'critical' or 'ntk'")
+    if rule not in ('critical', 'ntk'):
+        raise ValueError(f"unknown RoPE base rule {rule!r}; expected 'critical' or 'ntk'")
     ic = head_dim // 2 - 1 if rule == 'ntk' else critical_pair(theta, head_dim, base_len)
     if ic >= head_dim // 2: return float(theta)           # every pair turned fully in pre-training: no angle is new
-    if ic == 0: raise ValueError(f"base_len {base_len} is shorter than the fastest RoPE wavelength (2 pi): no base can hold it")
+    if ic == 0:
+        raise ValueError(f"base_len {base_len} is shorter than the fastest RoPE wavelength (2 pi): no base can hold it")
     return float(theta * (target_len / base_len) ** (head_dim / (2 * ic)))
 
 def unseen_angle_distance(theta: float, new_theta: float, head_dim: int, base_len: int) -> float:
@@ -225,7 +230,7 @@ assert b[1] < b[0] / 3                           # and it has decayed far by 100
 MIXTURE_PARTS = ('long_natural', 'concatenated', 'retrieval')
 
 @dataclass(frozen=True)
-class ExtensionStage:
+class ExtensionStage(Config):
     "One length-extension stage."
     name: str
     seq_len: int
@@ -242,10 +247,13 @@ class ExtensionStage:
     def __post_init__(self):
         for n in ('seq_len', 'steps', 'batch_size', 'sequence'):
             if getattr(self, n) < 1: raise ConfigError(f"stage {self.name!r}: {n} must be positive")
-        if self.rope_theta <= 0 or self.peak_lr <= 0: raise ConfigError(f"stage {self.name!r}: rope_theta and peak_lr must be positive")
-        if self.seq_len % self.sequence: raise ConfigError(f"stage {self.name!r}: seq_len {self.seq_len} must divide by sequence {self.sequence}")
+        if self.rope_theta <= 0 or self.peak_lr <= 0:
+            raise ConfigError(f"stage {self.name!r}: rope_theta and peak_lr must be positive")
+        if self.seq_len % self.sequence:
+            raise ConfigError(f"stage {self.name!r}: seq_len {self.seq_len} must divide by sequence {self.sequence}")
         parts = dict(self.mixture)
-        if set(parts) - set(MIXTURE_PARTS): raise ConfigError(f"stage {self.name!r}: unknown mixture parts {sorted(set(parts) - set(MIXTURE_PARTS))}")
+        if set(parts) - set(MIXTURE_PARTS):
+            raise ConfigError(f"stage {self.name!r}: unknown mixture parts {sorted(set(parts) - set(MIXTURE_PARTS))}")
         if abs(sum(parts.values()) - 1) > 1e-6 or min(parts.values()) < 0:
             raise ConfigError(f"stage {self.name!r}: mixture shares must be non-negative and sum to 1, got {parts}")
 
@@ -253,23 +261,26 @@ class ExtensionStage:
     def tokens(self) -> int: return self.steps * self.batch_size * self.seq_len
 
 @dataclass(frozen=True)
-class ExtensionRecipe:
+class ExtensionRecipe(Config):
     "Pre-training length and base, then the stages in order."
     base_len: int
     base_theta: float
-    stages: tuple
+    stages: tuple[ExtensionStage, ...]
 
     def __post_init__(self):
         if not self.stages: raise ConfigError("an extension recipe needs at least one stage")
         lens = [self.base_len] + [s.seq_len for s in self.stages]
-        if any(b <= a for a, b in zip(lens, lens[1:])): raise ConfigError(f"stage lengths must increase from the pre-training length: {lens}")
+        if any(b <= a for a, b in zip(lens, lens[1:])):
+            raise ConfigError(f"stage lengths must increase from the pre-training length: {lens}")
         if any(s.overlength for s in self.stages[:-1]): raise ConfigError("only the last stage can be over-length")
         last = self.stages[-1]
         if last.overlength:
             if len(self.stages) < 2: raise ConfigError("an over-length stage needs a target stage before it")
             target = self.stages[-2]
             if last.seq_len != 2 * target.seq_len:
-                raise ConfigError(f"the over-length stage trains at 2x the target ({2 * target.seq_len}), not {last.seq_len}")
+                raise ConfigError(
+                    f"the over-length stage trains at 2x the target ({2 * target.seq_len}), not {last.seq_len}"
+                )
             if last.rope_theta != target.rope_theta:
                 raise ConfigError("the over-length stage keeps the target stage's RoPE base")
 
@@ -278,20 +289,13 @@ class ExtensionRecipe:
         "The advertised context: the last stage that is not over-length."
         return [s for s in self.stages if not s.overlength][-1].seq_len
 
-    def to_dict(self) -> dict:
-        return dict(base_len=self.base_len, base_theta=self.base_theta,
-                    stages=[dict(s.__dict__, mixture=[list(m) for m in s.mixture]) for s in self.stages])
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExtensionRecipe:
-        stages = tuple(ExtensionStage(**dict(s, mixture=tuple(tuple(m) for m in s.get('mixture', ExtensionStage.mixture)))) for s in d['stages'])
-        return cls(d['base_len'], float(d['base_theta']), stages)
 
 def extension_recipe(base_len: int, base_theta: float, head_dim: int, lengths, *, steps, batch_sizes, peak_lr: float,
                      overlength: bool = True, sequence=None, final_lr_ratio: float = 0.1, warmup_steps: int = 10,
                      mixture: tuple = ExtensionStage.mixture, rope_rule: str = 'critical') -> ExtensionRecipe:
-    """Stages at each of `lengths` with bases from `rope_rule` (see `rope_base_for`), plus an over-length stage at twice the last one.
-    `steps`, `batch_sizes`, `sequence`: one value per stage (over-length included when `overlength`); `mixture`: every stage's."""
+    """Stages at each of `lengths` with bases from `rope_rule` (see `rope_base_for`), plus an over-length stage at
+    twice the last one. `steps`, `batch_sizes`, `sequence`: one value per stage (over-length included when
+    `overlength`); `mixture`: every stage's."""
     lens = list(lengths) + ([2 * lengths[-1]] if overlength else [])
     sequence = sequence or [1] * len(lens)
     if not len(steps) == len(batch_sizes) == len(sequence) == len(lens):
@@ -300,19 +304,50 @@ def extension_recipe(base_len: int, base_theta: float, head_dim: int, lengths, *
     for i, L in enumerate(lens):
         over = overlength and i == len(lens) - 1
         theta = stages[-1].rope_theta if over else rope_base_for(base_theta, head_dim, base_len, L, rope_rule)
-        stages.append(ExtensionStage('overlength' if over else f'stage{i + 1}', L, theta, steps[i], batch_sizes[i], peak_lr,
-                                     min(warmup_steps, steps[i]), peak_lr * final_lr_ratio, sequence[i], mixture, overlength=over))
+        stages.append(
+            ExtensionStage(
+                'overlength' if over else f'stage{i + 1}',
+                L,
+                theta,
+                steps[i],
+                batch_sizes[i],
+                peak_lr,
+                min(warmup_steps, steps[i]),
+                peak_lr * final_lr_ratio,
+                sequence[i],
+                mixture,
+                overlength=over,
+            )
+        )
     return ExtensionRecipe(base_len, base_theta, tuple(stages))
 
 EXTENSION_PRESETS = {
     # the paper's shape at full scale: 8K -> 32K -> 128K, then 256K over-length, about 4M tokens per step
-    'xgen': extension_recipe(8192, 500_000.0, 128, (32_768, 131_072), steps=(1000, 1000, 250), batch_sizes=(128, 32, 16),
-                             peak_lr=1e-5, sequence=(1, 4, 8)),
+    'xgen': extension_recipe(
+        8192,
+        500_000.0,
+        128,
+        (32_768, 131_072),
+        steps=(1000, 1000, 250),
+        batch_sizes=(128, 32, 16),
+        peak_lr=1e-5,
+        sequence=(1, 4, 8),
+    ),
     # the tiny model on a CPU: 512 -> 1K -> 2K, then 4K over-length
     # (sequence-parallel degrees fit the 8 host devices of the tests; one device runs it unsharded)
-    # (critical-pair bases, peak lr a tenth of pre-training's and 80% retrieval documents: what the end of this notebook measured)
-    'cpu': extension_recipe(512, 10_000.0, 32, (1024, 2048), steps=(320, 320, 160), batch_sizes=(4, 2, 1), peak_lr=3e-4,
-                            sequence=(2, 4, 8), mixture=(('long_natural', 0.1), ('concatenated', 0.1), ('retrieval', 0.8))),
+    # (critical-pair bases, peak lr a tenth of pre-training's and 80% retrieval documents: what the end of this notebook
+    # measured)
+    'cpu': extension_recipe(
+        512,
+        10_000.0,
+        32,
+        (1024, 2048),
+        steps=(320, 320, 160),
+        batch_sizes=(4, 2, 1),
+        peak_lr=3e-4,
+        sequence=(2, 4, 8),
+        mixture=(('long_natural', 0.1), ('concatenated', 0.1), ('retrieval', 0.8)),
+    ),
 }
 
 # %%
@@ -369,7 +404,9 @@ def copy_document(tok: Tokenizer, length: int, rng) -> list:
     pool = list(ruler.KEY_WORDS) + list('0123456789')
     span = tok.encode(' ' + ' '.join(str(w) for w in rng.choice(pool, int(rng.integers(3, 12)))))
     gap = int(rng.integers(0, max(1, length - 2 * len(span) - 12)))
-    return tok.encode(' Copy this:') + span + ruler.noise_tokens(tok, gap) + tok.encode(' Again:') + span + tok.encode('.')
+    return (
+        tok.encode(' Copy this:') + span + ruler.noise_tokens(tok, gap) + tok.encode(' Again:') + span + tok.encode('.')
+    )
 
 def recall_prompt(tok: Tokenizer, rng, digits: int = 5, max_gap: int = 24) -> tuple[list, str]:
     "A key-value recall prompt, `' key: 12345. <noise> key:'` (0 to `max_gap` noise tokens), and its answer `'12345'`."
@@ -382,8 +419,11 @@ def recall_document(tok: Tokenizer, rng, digits: int = 5, max_gap: int = 24) -> 
     ids, value = recall_prompt(tok, rng, digits, max_gap)
     return ids + tok.encode(f' {value}.')
 
-def recall_accuracy(model: Decoder, tok: Tokenizer, n: int = 32, seed: int = 12_345, digits: int = 5, max_gap: int = 24) -> float:
-    "Greedy exact match of `model` on `n` recall prompts drawn from `seed` (keep it apart from the training documents' seed)."
+def recall_accuracy(
+    model: Decoder, tok: Tokenizer, n: int = 32, seed: int = 12_345, digits: int = 5, max_gap: int = 24
+) -> float:
+    "Greedy exact match of `model` on `n` recall prompts drawn from `seed` (keep it apart from the training "
+    "documents' seed)."
     rng = np.random.default_rng(seed)
     prompts, values = zip(*(recall_prompt(tok, rng, digits, max_gap) for _ in range(n)))
     outs = generate(model, list(prompts), max_new_tokens=digits + 3, stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
@@ -399,7 +439,8 @@ def retrieval_documents(tok: Tokenizer, n_tokens: int, max_len: int, seed: int =
         i += 1
         if rng.random() < copy_share: d = copy_document(tok, int(rng.integers(64, max_len)), rng)
         else:
-            try: d = ruler.training_document(tok, tasks[int(rng.integers(len(tasks)))], int(rng.integers(max_len // 8, max_len - 8)), s, cfg)
+            task, budget = tasks[int(rng.integers(len(tasks)))], int(rng.integers(max_len // 8, max_len - 8))
+            try: d = ruler.training_document(tok, task, budget, s, cfg)
             except ValueError: continue          # a task that does not fit this length: draw again
         docs.append(d[:max_len - 1]); total += len(docs[-1])
     return docs
@@ -417,13 +458,22 @@ def _related_chains(docs: list[dict], lengths: list[int], target: int, rng) -> l
             n = lengths[chain[0]]
             while n < target and left:
                 pool = left[:64]
-                best = max(pool, key=lambda j: len(words[chain[-1]] & words[j]) / (len(words[chain[-1]] | words[j]) or 1))
+                best = max(
+                    pool, key=lambda j: len(words[chain[-1]] & words[j]) / (len(words[chain[-1]] | words[j]) or 1)
+                )
                 left.remove(best); chain.append(best); n += lengths[best]
             if n >= target // 2: chains.append(chain)
     return chains
 
-def long_context_records(tok: Tokenizer, docs: list[dict], seq_len: int, n_tokens: int, mixture=ExtensionStage.mixture,
-                         seed: int = 0, retrieval_cfg: ruler.RulerConfig = ruler.RulerConfig(digits=5)) -> tuple[list, dict]:
+def long_context_records(
+    tok: Tokenizer,
+    docs: list[dict],
+    seq_len: int,
+    n_tokens: int,
+    mixture=ExtensionStage.mixture,
+    seed: int = 0,
+    retrieval_cfg: ruler.RulerConfig = ruler.RulerConfig(digits=5),
+) -> tuple[list, dict]:
     """Text records (`text`, `domain` = mixture part) for one stage: about `n_tokens` in `mixture` shares.
     `docs`: natural documents (dicts with `text` and `domain`). Returns the records and the tokens per part."""
     if not docs: raise ValueError("long_context_records needs natural documents")
@@ -497,7 +547,7 @@ test_eq(recall_accuracy(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), tok, n=4)
 # %% [markdown]
 # ## Running the stages
 #
-# `extend` trains each stage with the training loop of notebook 15, starting from the previous stage's weights
+# `extend` trains each stage with the training loop of notebook 18, starting from the previous stage's weights
 # (fresh optimizer state, its own warmup and cosine decay), with the model config changed only where the stage
 # says: the RoPE base and the longest length. On a mesh with a `sequence` axis the stage uses the ring
 # sequence-parallel attention; otherwise the platform's memory-linear kernel (blockwise JAX on CPU beyond 512
@@ -507,8 +557,13 @@ test_eq(recall_accuracy(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), tok, n=4)
 # %%
 #| export
 def stage_model_config(base: ModelConfig, stage: ExtensionStage) -> ModelConfig:
-    "The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if sharded."
-    impl = 'seq_ring' if stage.sequence > 1 else ('auto' if base.attention_impl.startswith('seq_') else base.attention_impl)
+    "The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if "
+    "sharded."
+    impl = (
+        'seq_ring'
+        if stage.sequence > 1
+        else ('auto' if base.attention_impl.startswith('seq_') else base.attention_impl)
+    )
     return base.replace(rope_theta=float(stage.rope_theta), max_seq_len=max(base.max_seq_len, stage.seq_len),
                         attention_impl=impl, rope_scaling='none', rope_factor=1.0)
 
@@ -518,8 +573,10 @@ def stage_mesh(stage: ExtensionStage, n_devices: int, base: MeshConfig = MeshCon
     seq = max(d for d in range(1, min(stage.sequence, n_devices) + 1) if n_devices % d == 0 and stage.seq_len % d == 0)
     fsdp = n_devices // seq
     if stage.batch_size % fsdp:
-        raise ConfigError(f"stage {stage.name!r}: {n_devices} devices with sequence-parallel {seq} leave {fsdp} for the batch, "
-                          f"which {stage.batch_size} rows do not divide; raise the stage's sequence or batch_size")
+        raise ConfigError(
+            f"stage {stage.name!r}: {n_devices} devices with sequence-parallel {seq} leave {fsdp} for the batch, "
+            f"which {stage.batch_size} rows do not divide; raise the stage's sequence or batch_size"
+        )
     return replace(base, data=1, fsdp=fsdp, sequence=seq, tensor=1)
 
 def stage_train_config(base: TrainConfig, stage: ExtensionStage, n_devices: int | None = None) -> TrainConfig:
@@ -527,8 +584,16 @@ def stage_train_config(base: TrainConfig, stage: ExtensionStage, n_devices: int 
     mesh = stage_mesh(stage, n_devices or jax.device_count(), base.mesh)
     stage = replace(stage, sequence=mesh.sequence)
     sched = (LRPhase(stage.name, stage.steps, stage.peak_lr, stage.warmup_steps, 'cosine', stage.final_lr),)
-    return replace(base, model=stage_model_config(base.model, stage), seq_len=stage.seq_len, batch_size=stage.batch_size,
-                   grad_accum=1, schedule=sched, mesh=mesh, split='boundary')
+    return replace(
+        base,
+        model=stage_model_config(base.model, stage),
+        seq_len=stage.seq_len,
+        batch_size=stage.batch_size,
+        grad_accum=1,
+        schedule=sched,
+        mesh=mesh,
+        split='boundary',
+    )
 
 def eval_config(cfg: ModelConfig) -> ModelConfig:
     "The extended model's config for inference on any device: the stage's base, unsharded attention."
@@ -551,12 +616,19 @@ def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: T
     long-document store from `docs`. Resumable: finished stages are reloaded, an interrupted one resumes."""
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     if train_cfg.model.rope_theta != recipe.base_theta:
-        raise ConfigError(f"the pre-trained model has RoPE base {train_cfg.model.rope_theta}, the recipe starts from {recipe.base_theta}")
+        raise ConfigError(
+            f"the pre-trained model has RoPE base {train_cfg.model.rope_theta}, the recipe starts from "
+            f"{recipe.base_theta}"
+        )
     (out_dir / 'recipe.json').write_text(json.dumps(recipe.to_dict(), indent=1))
     rows, history = [], {}
     for i, stage in enumerate(recipe.stages):
-        if steps_scale != 1.0: stage = replace(stage, steps=max(1, round(stage.steps * steps_scale)),
-                                                warmup_steps=min(stage.warmup_steps, max(1, round(stage.steps * steps_scale))))
+        if steps_scale != 1.0:
+            stage = replace(
+                stage,
+                steps=max(1, round(stage.steps * steps_scale)),
+                warmup_steps=min(stage.warmup_steps, max(1, round(stage.steps * steps_scale))),
+            )
         cfg = stage_train_config(train_cfg, stage)
         sdir = out_dir / stage.name
         store_dir = sdir / 'data'
@@ -567,7 +639,11 @@ def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: T
         t0 = time.perf_counter()
         res = train(cfg, store_dir, sdir, progress=progress, peak_flops=peak_flops, init_params=params)
         params = jax.device_get(res.state['params'])
-        hist = [json.loads(l) for l in (sdir / 'history.jsonl').read_text().splitlines()] if (sdir / 'history.jsonl').exists() else res.history
+        hist = (
+            [json.loads(l) for l in (sdir / 'history.jsonl').read_text().splitlines()]
+            if (sdir / 'history.jsonl').exists()
+            else res.history
+        )
         history[stage.name] = hist
         rows.append(dict(stage=stage.name, seq_len=stage.seq_len, rope_theta=stage.rope_theta, tokens=stage.tokens,
                          loss=hist[-1]['loss'] if hist else float('nan'), seconds=round(time.perf_counter() - t0, 1)))
@@ -598,7 +674,7 @@ def extend(recipe: ExtensionRecipe, params: dict, train_cfg: TrainConfig, tok: T
 # So a dense recall task bootstraps the circuit, and a passkey learned at 256 tokens is solid there and fades
 # beyond it. (The earlier attempt's bootstrap used lr 1e-2 and stayed at chance; at 3e-3 the circuit forms.)
 #
-# **Not every recall circuit transfers to needles.** Trained with `train` (notebook 15) instead of the probe's
+# **Not every recall circuit transfers to needles.** Trained with `train` (notebook 18) instead of the probe's
 # loop, the same bootstrap reached 78-94% recall, but `niah_single` training from it stayed low (6-31% at 256
 # after 150 steps, against 100% from the probe's). Scoring recall three ways tells the circuits apart: plain
 # prompts, prompts behind 20-60 noise tokens (the pair no longer starts the document), and prompts with a second,

@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Evaluation: perplexity by position and RULER by length
 #
-# > Does the loss keep falling as the model sees more context, and does retrieval hold at every length? Loading a trained run, loss per position bucket, RULER-style task x length tables and heatmaps, and the `xgen-small eval` command.
+# > Loss by position and RULER by length: does the model use more context, and does retrieval hold?
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/30_eval.ipynb)
 
@@ -51,53 +51,21 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from xgen_small import ruler
-from xgen_small.config import ModelConfig
 from xgen_small.data.loader import Loader, LoaderConfig, TokenStore
 from xgen_small.generate import generate
-from xgen_small.model import Decoder, abstract_model, model_with_params
+from xgen_small.model import Decoder, model_with_params, params_of, token_logps
 from xgen_small.tokenizer import Tokenizer
 
-# %% [markdown]
-# ## Loading a trained run
-#
-# Every run directory of notebook 15 (and each stage directory of notebook 20) holds orbax checkpoints that carry
-# their own `TrainConfig`. `load_run` reads the config first, then restores only the parameters onto one device
-# (evaluation needs no mesh and no optimizer state), and returns a model whose attention is the platform default,
-# so a model trained with sequence-parallel attention evaluates anywhere.
 
 # %%
-#| export
-def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
-    "The model saved in training run `run_dir` (latest step unless `step`), and the run's config dict."
-    ckpt = Path(run_dir).absolute() / 'checkpoints'
-    if not ckpt.exists(): raise FileNotFoundError(f"no checkpoints in {run_dir} (expected {ckpt})")
-    mngr = ocp.CheckpointManager(ckpt, item_names=('state', 'loader', 'config'))
-    try:
-        step = mngr.latest_step() if step is None else step
-        if step is None: raise FileNotFoundError(f"no finished checkpoint in {ckpt}")
-        if step not in mngr.all_steps(): raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt}; have {sorted(mngr.all_steps())}")
-        config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-        cfg = ModelConfig.from_dict(config['model'])
-        if cfg.attention_impl.startswith('seq_'): cfg = cfg.replace(attention_impl='auto')
-        abstract = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract)
-        params = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item={'params': target}, restore_args=jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one), {'params': target}),
-            partial_restore=True)))['state']['params']
-    finally:
-        mngr.close()
-    return model_with_params(cfg, params), config
+from pathlib import Path
+
+import jax
 
 # %% [markdown]
 # A model's `max_seq_len` is a guard, not a table: RoPE angles are computed from positions on the fly, so
@@ -108,7 +76,7 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
 #| export
 def with_max_seq_len(model: Decoder, length: int) -> Decoder:
     "The same weights, accepting sequences of up to `length` tokens."
-    return model_with_params(model.cfg.replace(max_seq_len=length), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return model_with_params(model.cfg.replace(max_seq_len=length), params_of(model))
 
 # %% [markdown]
 # ## Perplexity by position
@@ -121,20 +89,23 @@ def with_max_seq_len(model: Decoder, length: int) -> Decoder:
 #| export
 @nnx.jit
 def _token_nll(model, inputs, targets, positions, segment_ids):
-    logits = model(inputs, positions, segment_ids).astype(jnp.float32)
-    return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
+    return -token_logps(model(inputs, positions, segment_ids), targets)
 
 def perplexity_by_position(model: Decoder, store: TokenStore, seq_len: int, *, rows: int = 8, buckets: int = 8,
                            batch: int = 2, seed: int = 0) -> list[dict]:
-    "Mean loss and perplexity of `model` in `buckets` equal position ranges of `rows` rows of `seq_len` tokens from `store`."
+    "Mean loss and perplexity of `model` in `buckets` equal position ranges of `rows` rows of `seq_len` tokens from "
+    "`store`."
     if seq_len % buckets: raise ValueError(f"seq_len {seq_len} must divide into {buckets} buckets")
-    if seq_len > model.cfg.max_seq_len: raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    if seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     loader = Loader(store, LoaderConfig(seq_len, batch, split='boundary', seed=seed), vocab_size=model.cfg.vocab_size)
     total, count = np.zeros(seq_len), np.zeros(seq_len)
     for _ in range(-(-rows // batch)):
         b = next(loader)
         same_doc = b['positions'] == np.arange(seq_len)            # the row's first document, from its first token on
-        nll = np.asarray(_token_nll(model, *(jnp.asarray(b[k]) for k in ('inputs', 'targets', 'positions', 'segment_ids'))))
+        nll = np.asarray(
+            _token_nll(model, *(jnp.asarray(b[k]) for k in ('inputs', 'targets', 'positions', 'segment_ids')))
+        )
         m = b['loss_mask'] * same_doc
         total += (nll * m).sum(0); count += m.sum(0)
     w = seq_len // buckets
@@ -142,7 +113,9 @@ def perplexity_by_position(model: Decoder, store: TokenStore, seq_len: int, *, r
     for i in range(buckets):
         n = count[i * w:(i + 1) * w].sum()
         loss = float(total[i * w:(i + 1) * w].sum() / n) if n else float('nan')
-        out.append(dict(start=i * w, end=(i + 1) * w, tokens=int(n), loss=loss, ppl=float(np.exp(loss)) if n else float('nan')))
+        out.append(
+            dict(start=i * w, end=(i + 1) * w, tokens=int(n), loss=loss, ppl=float(np.exp(loss)) if n else float('nan'))
+        )
     return out
 
 # %% [markdown]
@@ -157,8 +130,19 @@ def perplexity_by_position(model: Decoder, store: TokenStore, seq_len: int, *, r
 
 # %%
 #| export
-def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(256, 512), *, n: int = 10, seed: int = 0,
-                   cfg: ruler.RulerConfig = ruler.RulerConfig(), texts=None, batch: int = 8, keep_outputs: bool = False) -> list[dict]:
+def evaluate_ruler(
+    model: Decoder,
+    tok: Tokenizer,
+    tasks=ruler.TASKS,
+    lengths=(256, 512),
+    *,
+    n: int = 10,
+    seed: int = 0,
+    cfg: ruler.RulerConfig = ruler.RulerConfig(),
+    texts=None,
+    batch: int = 8,
+    keep_outputs: bool = False,
+) -> list[dict]:
     "Exact-match and recall of `model` on `n` samples of every task at every length."
     too_long = [L for L in lengths if L > model.cfg.max_seq_len]
     if too_long: raise ValueError(f"lengths {too_long} exceed the model's max_seq_len {model.cfg.max_seq_len}")
@@ -181,20 +165,31 @@ def evaluate_ruler(model: Decoder, tok: Tokenizer, tasks=ruler.TASKS, lengths=(2
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]
             row = dict(task=task, length=L, n=n, exact=float(np.mean([s['exact'] for s in scores])),
                        recall=float(np.mean([s['recall'] for s in scores])))
-            if keep_outputs: row['outputs'] = [dict(answers=list(s.answers), output=t, exact=sc['exact'], depths=list(s.depths))
-                                               for s, t, sc in zip(samples, texts_out, scores)]
+            if keep_outputs:
+                row['outputs'] = [
+                    dict(answers=list(s.answers), output=t, exact=sc['exact'], depths=list(s.depths))
+                    for s, t, sc in zip(samples, texts_out, scores)
+                ]
             rows.append(row)
     return rows
 
 def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task', mean: bool = True) -> str:
-    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if `mean`)."
+    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if "
+    "`mean`)."
     tasks = list(dict.fromkeys(r['task'] for r in rows)); lengths = sorted({r['length'] for r in rows})
     cell = {(r['task'], r['length']): r[metric] for r in rows}
     fmt = lambda L: f'{L // 1024}K' if L % 1024 == 0 else str(L)
     lines = [f'| {title} | ' + ' | '.join(fmt(L) for L in lengths) + ' |', '|---|' + '---:|' * len(lengths)]
-    for t in tasks: lines.append(f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |')
+    for t in tasks:
+        lines.append(
+            f'| {t} | ' + ' | '.join(f'{100 * cell[t, L]:.0f}' if (t, L) in cell else '' for L in lengths) + ' |'
+        )
     if mean and len(tasks) > 1:
-        lines.append('| **mean** | ' + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths) + ' |')
+        lines.append(
+            '| **mean** | '
+            + ' | '.join(f'{100 * np.mean([cell[t, L] for t in tasks if (t, L) in cell]):.0f}' for L in lengths)
+            + ' |'
+        )
     return '\n'.join(lines)
 
 def ruler_by_depth(rows: list[dict], bins: int = 4) -> list[dict]:
@@ -216,10 +211,15 @@ def depth_table(depth_rows: list[dict], title: str = 'needle depth') -> str:
     keys = list(dict.fromkeys((r['task'], r['length']) for r in depth_rows))
     bins = list(dict.fromkeys(r['depth'] for r in depth_rows))
     cell = {(r['task'], r['length'], r['depth']): r for r in depth_rows}
-    lines = [f'| {title} | ' + ' | '.join(f'{100 * lo:.0f}-{100 * hi:.0f}%' for lo, hi in bins) + ' |', '|---|' + '---:|' * len(bins)]
+    lines = [
+        f'| {title} | ' + ' | '.join(f'{100 * lo:.0f}-{100 * hi:.0f}%' for lo, hi in bins) + ' |',
+        '|---|' + '---:|' * len(bins),
+    ]
     for t, L in keys:
         cs = [cell[t, L, b] for b in bins]
-        lines.append(f'| {t} @ {L} | ' + ' | '.join(f"{100 * c['exact']:.0f} ({c['n']})" if c['n'] else '' for c in cs) + ' |')
+        lines.append(
+            f'| {t} @ {L} | ' + ' | '.join(f"{100 * c['exact']:.0f} ({c['n']})" if c['n'] else '' for c in cs) + ' |'
+        )
     return '\n'.join(lines)
 
 def ruler_heatmap(rows: list[dict], metric: str = 'exact', ax=None, title: str = 'RULER exact match (%)'):
@@ -247,6 +247,7 @@ def ruler_heatmap(rows: list[dict], metric: str = 'exact', ax=None, title: str =
 
 # %%
 import tempfile
+from xgen_small.checkpoint import load_run
 from xgen_small.config import get_preset
 from xgen_small.data.sample import load_sample
 from xgen_small.schedules import LRPhase
@@ -267,7 +268,7 @@ print(f"trained {len(res.history)} steps: mean loss of the first 10 steps {mean(
 
 # %%
 model, saved = load_run(tmp / 'run')
-print(type(model).__name__, saved['seq_len'], saved['model']['rope_theta'])
+print(type(model).__name__, saved['train']['seq_len'], saved['model']['rope_theta'])
 pp = perplexity_by_position(model, store, 1024, rows=8, buckets=8)
 for r in pp: print(f"positions {r['start']:>4}-{r['end']:<4} {r['tokens']:>6} tokens  loss {r['loss']:.3f}  ppl {r['ppl']:8.1f}")
 
@@ -290,7 +291,7 @@ assert all(r['tokens'] > 0 for r in pp)
 assert all(0 < r['loss'] < np.log(tok.vocab_size) for r in pp)   # finite, and better than uniform
 assert mean(res.history[-10:]) < mean(res.history[:10])
 # load_run returns exactly the trained parameters
-p_saved = nnx.to_pure_dict(nnx.state(model, nnx.Param)); p_run = jax.device_get(res.state['params'])
+p_saved = params_of(model); p_run = jax.device_get(res.state['params'])
 test_eq(jax.tree.structure(p_saved), jax.tree.structure(p_run))
 assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(p_saved), jax.tree.leaves(p_run)))
 test_eq([(r['task'], r['length']) for r in rows], [(t, L) for t in ('niah_single', 'niah_multikey', 'vt') for L in (256, 512)])

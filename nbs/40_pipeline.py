@@ -15,7 +15,7 @@
 # %% [markdown]
 # # The whole pipeline, one command
 #
-# > `xgen-small run`: curate -> tokenizer -> multi-phase pre-training -> two-stage length extension with over-length training -> SFT -> preference learning -> online RL -> long-context evaluation, as resumable stages that each leave a validated marker, and a report directory with the numbers, the plots and the final model in orbax and Llama safetensors form.
+# > The whole pipeline as one resumable command: a table of stages, fingerprints, markers and the report.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/40_pipeline.ipynb)
 
@@ -42,17 +42,8 @@ if 'google.colab' in sys.modules:
 # "vertically integrated": each stage reads only what the previous ones wrote to disk, so a run can stop anywhere
 # (a crash, a pre-empted TPU, a closed laptop) and pick up where it was.
 #
-# | stage | what it does | notebook | writes |
-# |---|---|---|---|
-# | `curate` | spam filters, quality ensemble, exact + MinHash dedup, the phase mixture | 02-06 | `curate/kept/*.jsonl.gz`, ledger, summary |
-# | `tokenizer` | sentencepiece BPE on the kept documents | 07 | `tokenizer/tokenizer.model` |
-# | `pretrain` | token store, then the `broad` -> `anneal` phases (quality annealing) | 08, 14, 15 | `pretrain/checkpoints` |
-# | `extend` | RoPE-base stages at 2x and 4x, then over-length at 8x the pre-training length | 20 | `extend/<stage>/checkpoints` |
-# | `sft` | the generated instruction set, assistant tokens only | 21 | `sft/checkpoints` |
-# | `dpo` | preference pairs, DPO plus the chosen reply's NLL | 22 | `dpo/checkpoints` |
-# | `rl` | GRPO against checked arithmetic answers | 23 | `rl/checkpoints` |
-# | `eval` | RULER tasks by length, passkey before/after extension, loss by position | 19, 30 | `eval/results.json` |
-# | `report` | `summary.md`, plots, the final model as orbax and safetensors | 17 | `report/` |
+# The stages, what each does and writes, are in the table of stages below (`stage_markdown()` prints it from the
+# pipeline's own `STAGE_TABLE`, so it cannot drift from the code).
 #
 # **How resumption works.** A stage's configuration (its own settings, plus the fingerprints of every stage it
 # reads from) hashes to a *fingerprint*. When a stage finishes it writes `<stage>/stage.json` holding that
@@ -67,7 +58,6 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import json
@@ -75,19 +65,23 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
 
-from xgen_small.config import ConfigError, get_preset
+from xgen_small.checkpoint import export_model
+from xgen_small.config import Config, ConfigError, get_preset
 from xgen_small.data.curate import CurateConfig
-from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe
-from xgen_small.schedules import LRPhase, default_schedule
-from xgen_small.sharding import MeshConfig
 from xgen_small.dpo import DPOConfig
+from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe
+from xgen_small.model import params_of
+from xgen_small.report import read_history, report_figures, report_markdown
 from xgen_small.rl import RLConfig
+from xgen_small.schedules import default_schedule
 from xgen_small.sft import SFTConfig
-from xgen_small.train import TrainConfig, override_dict
+from xgen_small.sharding import MeshConfig
+from xgen_small.train import TrainConfig
 
 # %%
 #| hide
@@ -113,7 +107,7 @@ import tempfile
 # %%
 #| export
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Config):
     "What the `eval` stage measures."
     tasks: tuple = ('niah_single', 'niah_multikey', 'niah_multivalue', 'niah_multiquery', 'vt', 'cwe', 'fwe')
     lengths: tuple = (512, 1024, 2048, 4096)
@@ -125,8 +119,8 @@ class EvalConfig:
 
     def ruler_config(self):
         from xgen_small.ruler import RulerConfig
-        try: return RulerConfig(**{**self.ruler, 'digits': self.digits})
-        except TypeError as e: raise ConfigError(f"EvalConfig.ruler: {e}") from None
+        try: return RulerConfig.from_dict({**self.ruler, 'digits': self.digits}, 'EvalConfig.ruler')
+        except ConfigError: raise
         except ValueError as e: raise ConfigError(f"EvalConfig.ruler: {e}") from None
 
     def __post_init__(self):
@@ -134,75 +128,52 @@ class EvalConfig:
         self.ruler_config()
         bad = [t for t in self.tasks if t not in TASKS]
         if bad: raise ConfigError(f"EvalConfig.tasks: unknown task(s) {bad}; expected some of {list(TASKS)}")
-        if not self.lengths or min(self.lengths) < 64: raise ConfigError("EvalConfig.lengths must be lengths in tokens, each at least 64")
+        if not self.lengths or min(self.lengths) < 64:
+            raise ConfigError("EvalConfig.lengths must be lengths in tokens, each at least 64")
         if self.n < 1: raise ConfigError("EvalConfig.n must be positive")
 
-def _from_dict(cls, d: dict, what: str):
-    "`cls(**d)` with a clear error for fields `cls` does not have."
-    if not isinstance(d, dict): raise ConfigError(f"{what}: expected a JSON object of {cls.__name__} fields")
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown: raise ConfigError(f"{what}: {cls.__name__} has no field(s) {sorted(unknown)}")
-    return cls(**d)
-
 @dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(Config):
     "Every stage's settings. `inputs`: JSONL(.gz) shards to curate; empty means the embedded sample corpus."
     inputs: tuple = ()
-    quality_model: str = 'default'       # a saved quality ensemble (.npz), 'default' (trained on the sample corpus) or 'none'
+    # a saved quality ensemble (.npz), 'default' (trained on the sample corpus) or 'none'
+    quality_model: str = 'default'
     vocab_size: int = 4096
     curate: CurateConfig = field(default_factory=lambda: CurateConfig(workers=2))
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     extension: ExtensionRecipe = field(default_factory=lambda: EXTENSION_PRESETS['cpu'])
     sft: SFTConfig = field(default_factory=SFTConfig)
-    sft_examples: int = 1200             # generated conversations (notebook 21)
+    sft_examples: int = 1200             # generated conversations (notebooks 21, 23)
     sft_shares: dict = field(default_factory=dict)   # their domain shares (empty: equal)
     dpo: DPOConfig = field(default_factory=DPOConfig)
-    dpo_pairs: int = 400                 # rule-made preference pairs (notebook 22)
+    dpo_pairs: int = 400                 # rule-made preference pairs (notebook 24)
     rl: RLConfig = field(default_factory=RLConfig)
-    rl_tasks: int = 400                  # arithmetic prompts from the training split (notebook 23)
+    rl_tasks: int = 400                  # arithmetic prompts from the training split (notebooks 21, 25)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         m = self.pretrain.model
         if m.vocab_size != self.vocab_size:
-            raise ConfigError(f"pretrain.model.vocab_size ({m.vocab_size}) must equal vocab_size ({self.vocab_size}), the tokenizer's size")
+            raise ConfigError(
+                f"pretrain.model.vocab_size ({m.vocab_size}) must equal vocab_size ({self.vocab_size}), the "
+                "tokenizer's size"
+            )
         if self.extension.base_len != self.pretrain.seq_len:
-            raise ConfigError(f"the extension recipe starts from {self.extension.base_len} tokens, pre-training uses {self.pretrain.seq_len}")
+            raise ConfigError(
+                f"the extension recipe starts from {self.extension.base_len} tokens, pre-training uses "
+                f"{self.pretrain.seq_len}"
+            )
         if self.extension.base_theta != m.rope_theta:
-            raise ConfigError(f"the extension recipe starts from RoPE base {self.extension.base_theta}, the model has {m.rope_theta}")
+            raise ConfigError(
+                f"the extension recipe starts from RoPE base {self.extension.base_theta}, the model has {m.rope_theta}"
+            )
         longest = self.extension.stages[-1].seq_len
         if max(self.eval.lengths) > longest:
-            raise ConfigError(f"eval.lengths go up to {max(self.eval.lengths)}, beyond the extended model's {longest} tokens")
+            raise ConfigError(
+                f"eval.lengths go up to {max(self.eval.lengths)}, beyond the extended model's {longest} tokens"
+            )
         for n in ('sft_examples', 'dpo_pairs', 'rl_tasks', 'vocab_size'):
             if getattr(self, n) < 1: raise ConfigError(f"PipelineConfig.{n} must be positive")
-
-    def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.update(inputs=[str(p) for p in self.inputs], curate=dataclasses.asdict(self.curate), pretrain=self.pretrain.to_dict(),
-                 extension=self.extension.to_dict(), sft=self.sft.to_dict(), dpo=self.dpo.to_dict(), rl=self.rl.to_dict(),
-                 eval={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.eval).items()})
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PipelineConfig:
-        if not isinstance(d, dict): raise ConfigError("a pipeline config must be a JSON object")
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown: raise ConfigError(f"PipelineConfig has no field(s) {sorted(unknown)}")
-        d = dict(d)
-        if 'inputs' in d: d['inputs'] = tuple(d['inputs'])
-        if 'curate' in d: d['curate'] = _from_dict(CurateConfig, d['curate'], 'curate')
-        if 'pretrain' in d: d['pretrain'] = TrainConfig.from_dict(d['pretrain'])
-        if 'extension' in d: d['extension'] = ExtensionRecipe.from_dict(d['extension'])
-        for k, c in (('sft', SFTConfig), ('dpo', DPOConfig), ('rl', RLConfig)):
-            if k in d: d[k] = _from_dict(c, d[k], k)
-        if 'eval' in d:
-            e = {k: tuple(v) if isinstance(v, list) else v for k, v in d['eval'].items()} if isinstance(d['eval'], dict) else d['eval']
-            d['eval'] = _from_dict(EvalConfig, e, 'eval')
-        return cls(**d)
-
-    def with_overrides(self, pairs) -> PipelineConfig:
-        "`['pretrain.batch_size=16', 'rl.steps=40']` applied, typed by the fields they replace."
-        return PipelineConfig.from_dict(override_dict(self.to_dict(), pairs))
 
 
 # %% [markdown]
@@ -228,30 +199,85 @@ def pipeline_config(preset: str = 'cpu', *, steps_scale: float = 1.0) -> Pipelin
         model = get_preset('tiny', vocab_size=4096, max_seq_len=512)
         c = PipelineConfig(
             vocab_size=4096,
-            pretrain=TrainConfig(model=model, seq_len=512, batch_size=8, schedule=default_schedule(160, peak_lr=3e-3),
-                                 mesh=MeshConfig(fsdp=-1), log_every=10, save_every=40),
-            extension=replace(EXTENSION_PRESETS['cpu'], stages=tuple(
-                replace(s, steps=n, warmup_steps=min(s.warmup_steps, n)) for s, n in zip(EXTENSION_PRESETS['cpu'].stages, (24, 24, 8)))),
+            pretrain=TrainConfig(
+                model=model,
+                seq_len=512,
+                batch_size=8,
+                schedule=default_schedule(160, peak_lr=3e-3),
+                mesh=MeshConfig(fsdp=-1),
+                log_every=10,
+                save_every=40,
+            ),
+            extension=replace(
+                EXTENSION_PRESETS['cpu'],
+                stages=tuple(
+                    replace(s, steps=n, warmup_steps=min(s.warmup_steps, n))
+                    for s, n in zip(EXTENSION_PRESETS['cpu'].stages, (24, 24, 8))
+                ),
+            ),
             sft=SFTConfig(steps=100, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=10, save_every=50),
-            dpo=DPOConfig(steps=30, batch_size=16, seq_len=64, lr=1e-4, warmup_steps=3, beta=0.1, sft_weight=1.0, save_every=30),
-            rl=RLConfig(steps=30, batch_size=16, group_size=8, seq_len=48, max_new_tokens=24, lr=1e-4, warmup_steps=3,
-                        kl_beta=0.05, save_every=10),
-            eval=EvalConfig(lengths=(512, 1024, 2048, 4096), n=5, ruler={'cwe_common': 5}))   # 10 common words overflow 512 tokens
+            dpo=DPOConfig(
+                steps=30, batch_size=16, seq_len=64, lr=1e-4, warmup_steps=3, beta=0.1, sft_weight=1.0, save_every=30
+            ),
+            rl=RLConfig(
+                steps=30,
+                batch_size=16,
+                group_size=8,
+                seq_len=48,
+                max_new_tokens=24,
+                lr=1e-4,
+                warmup_steps=3,
+                kl_beta=0.05,
+                save_every=10,
+            ),
+            eval=EvalConfig(lengths=(512, 1024, 2048, 4096), n=5, ruler={'cwe_common': 5}),
+        )  # 10 common words overflow 512 tokens
     elif preset in ('xgen_4b', 'xgen_9b'):
         model = get_preset(preset)
         tokens, batch, seq = 8e12, 512, 8192
         steps = int(tokens // (batch * seq))
         c = PipelineConfig(
-            vocab_size=model.vocab_size, curate=CurateConfig(workers=64),
-            pretrain=TrainConfig(model=model, seq_len=seq, batch_size=batch, schedule=default_schedule(steps, peak_lr=3e-4),
-                                 mesh=MeshConfig(fsdp=-1), log_every=100, save_every=1000, z_loss=1e-4),
+            vocab_size=model.vocab_size,
+            curate=CurateConfig(workers=64),
+            pretrain=TrainConfig(
+                model=model,
+                seq_len=seq,
+                batch_size=batch,
+                schedule=default_schedule(steps, peak_lr=3e-4),
+                mesh=MeshConfig(fsdp=-1),
+                log_every=100,
+                save_every=1000,
+                z_loss=1e-4,
+            ),
             extension=EXTENSION_PRESETS['xgen'],
             sft=SFTConfig(steps=2000, batch_size=128, seq_len=8192, lr=1e-5, warmup_steps=100, save_every=500),
-            dpo=DPOConfig(steps=1500, batch_size=128, seq_len=2048, lr=5e-7, warmup_steps=50, beta=0.1, sft_weight=0.2, save_every=500),
-            rl=RLConfig(steps=1000, batch_size=256, group_size=8, seq_len=4096, max_new_tokens=2048, lr=1e-6, warmup_steps=10,
-                        kl_beta=0.001, aggregation='constant', save_every=100),
-            sft_examples=1_000_000, dpo_pairs=200_000, rl_tasks=100_000,
-            eval=EvalConfig(lengths=(4096, 8192, 16_384, 32_768, 65_536, 131_072), n=100))
+            dpo=DPOConfig(
+                steps=1500,
+                batch_size=128,
+                seq_len=2048,
+                lr=5e-7,
+                warmup_steps=50,
+                beta=0.1,
+                sft_weight=0.2,
+                save_every=500,
+            ),
+            rl=RLConfig(
+                steps=1000,
+                batch_size=256,
+                group_size=8,
+                seq_len=4096,
+                max_new_tokens=2048,
+                lr=1e-6,
+                warmup_steps=10,
+                kl_beta=0.001,
+                aggregation='constant',
+                save_every=100,
+            ),
+            sft_examples=1_000_000,
+            dpo_pairs=200_000,
+            rl_tasks=100_000,
+            eval=EvalConfig(lengths=(4096, 8192, 16_384, 32_768, 65_536, 131_072), n=100),
+        )
     else:
         raise ConfigError(f"unknown pipeline preset {preset!r}; expected 'cpu', 'xgen_4b' or 'xgen_9b'")
     return scale_steps(c, steps_scale)
@@ -295,6 +321,10 @@ test_fail(lambda: pipeline_config('gpt5'), contains='unknown pipeline preset')
 # %% [markdown]
 # ## Stages, fingerprints and markers
 #
+# The pipeline is a table. Each row is a `Stage`: its name, the stages it reads from, the part of the configuration
+# it depends on, a check that its outputs are all on disk, and the function that runs it. The runner below knows
+# nothing about any particular stage; adding one means writing its function and adding its row.
+#
 # A stage's fingerprint is the SHA-256 of its own settings and its inputs' fingerprints, so changing the
 # pre-training learning rate changes the fingerprints of `pretrain` and of every later stage, but not of `curate`
 # or `tokenizer`. The curation's inputs enter as (path, size, modification time): re-writing a shard invalidates
@@ -302,12 +332,18 @@ test_fail(lambda: pipeline_config('gpt5'), contains='unknown pipeline preset')
 
 # %%
 #| export
-STAGES = ('curate', 'tokenizer', 'pretrain', 'extend', 'sft', 'dpo', 'rl', 'eval', 'report')
-UPSTREAM = {'curate': (), 'tokenizer': ('curate',), 'pretrain': ('curate', 'tokenizer'), 'extend': ('curate', 'tokenizer', 'pretrain'),
-            'sft': ('tokenizer', 'extend'), 'dpo': ('tokenizer', 'sft'), 'rl': ('tokenizer', 'dpo'),
-            'eval': ('tokenizer', 'pretrain', 'extend', 'rl'), 'report': STAGES[:-1]}
-
-LEAD_ONLY = ('curate', 'tokenizer')         # file-only stages: process 0 runs them, the other hosts wait
+@dataclass(frozen=True)
+class Stage:
+    "One row of the pipeline's table."
+    name: str
+    upstream: tuple          # the stages whose outputs it reads (their fingerprints enter its own)
+    settings: Callable       # cfg -> the part of the configuration it depends on (JSON-able)
+    run: Callable            # (pipeline, summaries so far) -> its summary: the numbers the report reads
+    missing: Callable        # (pipeline, stage name) -> None when its outputs are all on disk, else what is missing
+    about: str = ''          # what it does, for `--help` and the table below
+    notebooks: str = ''      # where it is taught
+    writes: str = ''         # what it leaves in its directory
+    lead_only: bool = False  # file-only: on a multi-host run process 0 runs it and the other hosts wait
 
 def _sync(tag: str):
     "A barrier across the hosts of a multi-host run (nothing on one host)."
@@ -323,7 +359,10 @@ def _input_ids(inputs) -> list:
     paths = [Path(p) for p in inputs] if inputs else list(sample_shards())
     missing = [str(p) for p in paths if not p.exists()]
     if missing: raise FileNotFoundError(f"input shard(s) not found: {missing}")
-    return [(p.name if not inputs else str(p.absolute()), p.stat().st_size, p.stat().st_mtime_ns if inputs else 0) for p in paths]
+    return [
+        (p.name if not inputs else str(p.absolute()), p.stat().st_size, p.stat().st_mtime_ns if inputs else 0)
+        for p in paths
+    ]
 
 def _quality_id(q: str):
     if q in ('default', 'none'): return q
@@ -331,27 +370,290 @@ def _quality_id(q: str):
     if not p.is_file(): raise FileNotFoundError(f"quality model {q} not found (give a saved .npz, 'default' or 'none')")
     return (str(p.absolute()), p.stat().st_size, p.stat().st_mtime_ns)
 
+def _last_step(run_dir) -> int | None:
+    "The latest finished checkpoint step of a training run directory, or None."
+    d = Path(run_dir) / 'checkpoints'
+    steps = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.exists() else []
+    return max(steps) if steps else None
+
+def _files(*names):
+    "An outputs check: the first of `names` (relative to the stage's directory) that is not there."
+    return lambda p, stage: next((n for n in names if not (p.dir(stage) / n).exists()), None)
+
+def _trained(steps_of):
+    "An outputs check for a training stage: its checkpoint at the last step, `steps_of(cfg)`."
+    def check(p, stage):
+        want = steps_of(p.cfg)
+        return None if _last_step(p.dir(stage)) == want else f'the checkpoint of step {want}'
+    return check
+
+# %% [markdown]
+# What each stage does, as functions of the running `Pipeline` (for its directories, configuration, tokenizer and
+# models) and the summaries of the stages before it:
+
+# %%
+#| export
+def _run_curate(p: Pipeline, _) -> dict:
+    from xgen_small.data.curate import curate
+    from xgen_small.data.sample import sample_shards
+    q = None if p.cfg.quality_model == 'none' else p.cfg.quality_model
+    s = curate(list(p.cfg.inputs) or sample_shards(), p.dir('curate'), p.cfg.curate, quality_model=q,
+               progress=p.progress).summary
+    for e in s['inputs']:
+        if e['error']: p.log(f"  shard {e['path']}: {e['error']}")
+    return {k: s[k] for k in ('lines', 'kept', 'dropped', 'reasons', 'kept_by_domain', 'mixture')}
+
+def _curate_missing(p: Pipeline, stage: str) -> str | None:
+    d = p.dir(stage)
+    return None if (d / 'summary.json').exists() and list((d / 'kept').glob('*.jsonl.gz')) else 'the kept documents'
+
+def _run_tokenizer(p: Pipeline, _) -> dict:
+    from xgen_small.tokenizer import Tokenizer, train_tokenizer
+    texts = [d['text'] for d in p.kept_docs()]
+    tok = Tokenizer(train_tokenizer(texts, p.cfg.vocab_size))
+    tok.save(p.dir('tokenizer') / 'tokenizer.model')
+    sample = texts[:200]
+    n_tokens = sum(map(len, tok.encode_batch(sample, errors='replace')))
+    return dict(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint, documents=len(texts),
+                bytes_per_token=round(sum(len(t.encode()) for t in sample) / n_tokens, 3))
+
+def _tokenizer_missing(p: Pipeline, stage: str) -> str | None:
+    from xgen_small.tokenizer import Tokenizer
+    path = p.dir(stage) / 'tokenizer.model'
+    if not path.exists(): return 'tokenizer.model'
+    return (
+        None
+        if Tokenizer(path).fingerprint == p.marker(stage)['summary']['fingerprint']
+        else 'the tokenizer it recorded'
+    )
+
+def _run_pretrain(p: Pipeline, sums) -> dict:
+    from xgen_small.data.loader import build_token_store
+    from xgen_small.train import train
+    d, cfg = p.dir('pretrain'), p.cfg.pretrain
+    if p.lead:
+        if not (d / 'data' / 'meta.json').exists():
+            kept = sorted((p.dir('curate') / 'kept').glob('*.jsonl.gz'))
+            build_token_store(kept, p.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
+        (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
+    _sync('pretrain-store')
+    train(cfg, d / 'data', d, progress=p.progress)
+    h = read_history(d)
+    phase_end = {ph: [x['loss'] for x in h if x['phase'] == ph][-1] for ph in dict.fromkeys(x['phase'] for x in h)}
+    meta = json.loads((d / 'data' / 'meta.json').read_text())
+    return dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
+                first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
+                tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+
+def _run_extend(p: Pipeline, _) -> dict:
+    from xgen_small.checkpoint import load_run
+    from xgen_small.extend import extend
+    model, saved = load_run(p.dir('pretrain'))
+    docs = [dict(text=r['text'], domain=r['domain']) for r in p.kept_docs()]
+    r = extend(p.cfg.extension, jax.device_get(params_of(model)), TrainConfig.from_dict(saved['train']), p.tokenizer(),
+               docs, p.dir('extend'), progress=p.progress)
+    return dict(stages=[{k: v for k, v in s.items() if k != 'seconds'} for s in r.stages])
+
+def _extend_missing(p: Pipeline, stage: str) -> str | None:
+    for s in p.cfg.extension.stages:
+        if _last_step(p.dir(stage) / s.name) != s.steps: return f'the {s.name} checkpoint of step {s.steps}'
+    return None
+
+def _post(p: Pipeline, stage: str, start: str, run, data, evaluate) -> dict:
+    "Shared by sft / dpo / rl: load `start`'s model, `run` the stage, evaluate before (once) and after."
+    d = p.dir(stage)
+    before_file = d / 'before.json'
+    model = p.model(start)
+    if not before_file.exists(): before_file.write_text(json.dumps(evaluate(model)))
+    run(jax.device_get(params_of(model)), model.cfg, data, d)
+    h = read_history(d)
+    return dict(steps=h[-1]['step'], first_loss=h[0]['loss'], final_loss=h[-1]['loss'],
+                before=json.loads(before_file.read_text()), after=evaluate(p.model(stage)))
+
+def _run_sft(p: Pipeline, _) -> dict:
+    from xgen_small.posttrain import reply_accuracy
+    from xgen_small.sft import sft
+    from xgen_small.tasks import instruction_set
+    tok, held = p.tokenizer(), instruction_set(64, seed=10_000, split='test')
+    evaluate = lambda m: dict(reply_accuracy=reply_accuracy(m, tok, held), held_out_math=p.held_out_math(m))
+    run = lambda params, mc, data, d: sft(params, mc, tok, data, p.cfg.sft, d, progress=p.progress)
+    data = instruction_set(p.cfg.sft_examples, seed=0, shares=p.cfg.sft_shares or None)
+    return _post(p, 'sft', 'extend', run, data, evaluate)
+
+def _run_dpo(p: Pipeline, _) -> dict:
+    from xgen_small.dpo import arithmetic_pairs, dpo
+    tok = p.tokenizer()
+    run = lambda params, mc, data, d: dpo(params, mc, tok, data, p.cfg.dpo, d, progress=p.progress)
+    out = _post(
+        p, 'dpo', 'sft', run, arithmetic_pairs(p.cfg.dpo_pairs), lambda m: dict(held_out_math=p.held_out_math(m))
+    )
+    h = read_history(p.dir('dpo'))
+    return dict(out, reward_accuracy=h[-1]['reward_accuracy'], reward_margin=h[-1]['reward_margin'])
+
+def _run_rl(p: Pipeline, _) -> dict:
+    from xgen_small.rl import rl
+    from xgen_small.tasks import arithmetic_tasks
+    tok = p.tokenizer()
+    run = lambda params, mc, data, d: rl(params, mc, tok, data, p.cfg.rl, d, progress=p.progress)
+    out = _post(p, 'rl', 'dpo', run, arithmetic_tasks(p.cfg.rl_tasks, seed=0, split='train'),
+                lambda m: dict(held_out_math=p.held_out_math(m)))
+    h = read_history(p.dir('rl'))
+    k = max(1, len(h) // 5)
+    return dict(out, reward_first=float(np.mean([x['reward'] for x in h[:k]])),
+                reward_last=float(np.mean([x['reward'] for x in h[-k:]])))
+
+def _run_eval(p: Pipeline, _) -> dict:
+    from xgen_small.data.loader import TokenStore
+    from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, with_max_seq_len
+    e, tok = p.cfg.eval, p.tokenizer()
+    L, rc = max(e.lengths), e.ruler_config()
+    long = lambda m: with_max_seq_len(m, L) if L > m.cfg.max_seq_len else m
+    models = {s: long(p.model(s)) for s in ('pretrain', 'extend', 'rl')}
+    t0 = time.perf_counter()
+    grid = evaluate_ruler(models['rl'], tok, e.tasks, e.lengths, n=e.n, seed=e.seed, cfg=rc)
+    p.log(f"  RULER, {len(e.tasks)} tasks x {len(e.lengths)} lengths x {e.n}: {time.perf_counter() - t0:.0f}s")
+    passkey = {s: evaluate_ruler(models[s], tok, ('niah_single',), e.lengths, n=e.n, seed=e.seed, cfg=rc)
+               for s in ('pretrain', 'extend')}
+    passkey['rl'] = [r for r in grid if r['task'] == 'niah_single'] or evaluate_ruler(
+        models['rl'], tok, ('niah_single',), e.lengths, n=e.n, seed=e.seed, cfg=rc)
+    store = TokenStore.open(p.run_dir('extend') / 'data')
+    ppl = {s: perplexity_by_position(models[s], store, L, rows=e.perplexity_rows) for s in ('pretrain', 'extend')}
+    results = dict(ruler=grid, passkey=passkey, perplexity=ppl)
+    (p.dir('eval') / 'results.json').write_text(json.dumps(results, indent=1))
+    return dict(ruler_mean={f"{r['task']}@{r['length']}": r['exact'] for r in grid},
+                passkey={s: {str(r['length']): r['exact'] for r in rows} for s, rows in passkey.items()},
+                loss_by_position={s: [round(b['loss'], 4) for b in rows] for s, rows in ppl.items()})
+
+def _run_report(p: Pipeline, sums) -> dict:
+    d = p.dir('report')
+    export_model(p.model('rl'), p.tokenizer(), d / 'model', config=dict(stage='rl', pipeline=p.fp['report']))
+    figures = report_figures(p, sums, d)
+    (d / 'summary.md').write_text(report_markdown(p, sums, figures))
+    return dict(figures=figures, model=str(d / 'model'))
+
+# %% [markdown]
+# The table itself, in running order:
+
+# %%
+#| export
+STAGE_TABLE = (
+    Stage(
+        'curate',
+        (),
+        lambda c: dict(inputs=_input_ids(c.inputs), curate=c.curate.to_dict()),
+        _run_curate,
+        _curate_missing,
+        'spam filters, quality ensemble, exact + MinHash dedup, the phase mixture',
+        '02-06',
+        '`curate/kept/*.jsonl.gz`, ledger, summary',
+        lead_only=True,
+    ),
+    Stage(
+        'tokenizer',
+        ('curate',),
+        lambda c: dict(vocab_size=c.vocab_size),
+        _run_tokenizer,
+        _tokenizer_missing,
+        'sentencepiece BPE on the kept documents',
+        '07',
+        '`tokenizer/tokenizer.model`',
+        lead_only=True,
+    ),
+    Stage(
+        'pretrain',
+        ('curate', 'tokenizer'),
+        lambda c: c.pretrain.to_dict(),
+        _run_pretrain,
+        _trained(lambda c: c.pretrain.steps),
+        'token store, then the `broad` -> `anneal` phases (quality annealing)',
+        '08, 09, 18',
+        '`pretrain/checkpoints`',
+    ),
+    Stage(
+        'extend',
+        ('curate', 'tokenizer', 'pretrain'),
+        lambda c: c.extension.to_dict(),
+        _run_extend,
+        _extend_missing,
+        'RoPE-base stages at 2x and 4x, then over-length at 8x the pre-training length',
+        '20',
+        '`extend/<stage>/checkpoints`',
+    ),
+    Stage(
+        'sft',
+        ('tokenizer', 'extend'),
+        lambda c: dict(sft=c.sft.to_dict(), examples=c.sft_examples, shares=c.sft_shares),
+        _run_sft,
+        _trained(lambda c: c.sft.steps),
+        'the generated instruction set, assistant tokens only',
+        '21-23',
+        '`sft/checkpoints`',
+    ),
+    Stage(
+        'dpo',
+        ('tokenizer', 'sft'),
+        lambda c: dict(dpo=c.dpo.to_dict(), pairs=c.dpo_pairs),
+        _run_dpo,
+        _trained(lambda c: c.dpo.steps),
+        "preference pairs, DPO plus the chosen reply's NLL",
+        '24',
+        '`dpo/checkpoints`',
+    ),
+    Stage(
+        'rl',
+        ('tokenizer', 'dpo'),
+        lambda c: dict(rl=c.rl.to_dict(), tasks=c.rl_tasks),
+        _run_rl,
+        _trained(lambda c: c.rl.steps),
+        'GRPO against checked arithmetic answers',
+        '21, 25',
+        '`rl/checkpoints`',
+    ),
+    Stage(
+        'eval',
+        ('tokenizer', 'pretrain', 'extend', 'rl'),
+        lambda c: c.eval.to_dict(),
+        _run_eval,
+        _files('results.json'),
+        'RULER tasks by length, passkey before/after extension, loss by position',
+        '19, 30',
+        '`eval/results.json`',
+    ),
+    Stage(
+        'report',
+        ('curate', 'tokenizer', 'pretrain', 'extend', 'sft', 'dpo', 'rl', 'eval'),
+        lambda c: {},
+        _run_report,
+        _files('summary.md', 'model/hf/model.safetensors', 'model/checkpoints'),
+        '`summary.md`, plots, the final model as orbax and safetensors',
+        '17, 31',
+        '`report/`',
+    ),
+)
+STAGES = tuple(s.name for s in STAGE_TABLE)
+_BY_NAME = {s.name: s for s in STAGE_TABLE}
+
 def stage_settings(cfg: PipelineConfig, stage: str) -> dict:
     "The part of `cfg` that `stage` itself depends on."
-    d = cfg.to_dict()
-    return {'curate': lambda: dict(inputs=_input_ids(cfg.inputs), curate=d['curate']),
-            'tokenizer': lambda: dict(vocab_size=cfg.vocab_size),
-            'pretrain': lambda: d['pretrain'],
-            'extend': lambda: d['extension'],
-            'sft': lambda: dict(sft=d['sft'], examples=cfg.sft_examples, shares=cfg.sft_shares),
-            'dpo': lambda: dict(dpo=d['dpo'], pairs=cfg.dpo_pairs),
-            'rl': lambda: dict(rl=d['rl'], tasks=cfg.rl_tasks),
-            'eval': lambda: d['eval'],
-            'report': lambda: {}}[stage]()
+    return _BY_NAME[stage].settings(cfg)
 
 def fingerprints(cfg: PipelineConfig) -> dict:
     "Every stage's fingerprint: a hash of its settings and of its upstream stages' fingerprints."
     out = {}
-    for s in STAGES:
-        blob = json.dumps(dict(stage=s, settings=stage_settings(cfg, s), upstream={u: out[u] for u in UPSTREAM[s]}), sort_keys=True)
-        out[s] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    for s in STAGE_TABLE:
+        blob = json.dumps(
+            dict(stage=s.name, settings=s.settings(cfg), upstream={u: out[u] for u in s.upstream}), sort_keys=True
+        )
+        out[s.name] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return out
 
+def stage_markdown() -> str:
+    "The table of stages as Markdown (the README and the docs show it)."
+    rows = [f'| `{s.name}` | {s.about} | {s.notebooks} | {s.writes} |' for s in STAGE_TABLE]
+    return '\n'.join(['| stage | what it does | notebooks | writes |', '|---|---|---|---|', *rows])
+
+# %%
+Markdown(stage_markdown())
 
 # %%
 fp = fingerprints(cfg)
@@ -376,7 +678,8 @@ def plan(cfg: PipelineConfig, n_devices: int | None = None) -> str:
     def mesh(tc):
         try: m = tc.mesh.shape(n)
         except (ValueError, ConfigError) as e: return f'does not fit: {e}'
-        if tc.batch_size % (m['data'] * m['fsdp']): return f"does not fit: {tc.batch_size} rows over {m['data'] * m['fsdp']} batch shards"
+        if tc.batch_size % (m['data'] * m['fsdp']):
+            return f"does not fit: {tc.batch_size} rows over {m['data'] * m['fsdp']} batch shards"
         return ' x '.join(str(m[a]) for a in ('data', 'fsdp', 'sequence', 'tensor'))
     rows = [('pretrain', cfg.pretrain.steps, cfg.pretrain.batch_size, cfg.pretrain.seq_len, mesh(cfg.pretrain))]
     for st in cfg.extension.stages:
@@ -387,7 +690,10 @@ def plan(cfg: PipelineConfig, n_devices: int | None = None) -> str:
         rows_per_step = pc.batch_size * (pc.group_size if name == 'rl' else 2 if name == 'dpo' else 1)
         tc = replace(pc, batch_size=rows_per_step).train_config(cfg.pretrain.model, name)
         rows.append((name, pc.steps, rows_per_step, tc.seq_len, mesh(tc)))
-    out = [f'| stage | steps | rows x length | tokens | mesh on {n} devices (data x fsdp x sequence x tensor) |', '|---|---:|---:|---:|---|']
+    out = [
+        f'| stage | steps | rows x length | tokens | mesh on {n} devices (data x fsdp x sequence x tensor) |',
+        '|---|---:|---:|---:|---|',
+    ]
     out += [f'| {s} | {k:,} | {b:,} x {L:,} | {k * b * L:.2e} | {m} |' for s, k, b, L, m in rows]
     return '\n'.join(out)
 
@@ -409,32 +715,16 @@ test_eq('does not fit' in plan(pipeline_config('xgen_4b'), 256), True)      # no
 # %% [markdown]
 # ## The runner
 #
-# `Pipeline(cfg, out_dir).run()` walks the stages in order. Each stage is a method that does its work and returns a
-# summary dict of numbers; the runner times it, writes the marker, and prints one line. `status()` says, without
-# running anything, which stages are done, which were interrupted or are stale, and which have not started.
+# `Pipeline(cfg, out_dir).run()` walks the table in order. For each stage it checks the marker, runs the stage's
+# function, times it, writes the marker, and prints one line. `status()` says, without running anything, which stages
+# are done, which were interrupted or are stale, and which have not started.
 #
 # What each stage hands to the next is on disk, never in memory: a later stage loads the previous stage's model
-# with `load_run` (notebook 30), the same function a user would call. That is what makes any stage restartable on
+# with `load_run` (notebook 17), the same function a user would call. That is what makes any stage restartable on
 # its own, and it keeps the runner honest: nothing works only because a Python object happened to survive.
 
 # %%
 #| export
-def _read_history(path) -> list[dict]:
-    "A run's logged steps; where a resumed run logged a step again, its latest record (history.jsonl only appends)."
-    p = Path(path) / 'history.jsonl'
-    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()] if p.exists() else []
-    return sorted({r['step']: r for r in rows}.values(), key=lambda r: r['step'])
-
-def _last_step(run_dir) -> int | None:
-    "The latest finished checkpoint step of a training run directory, or None."
-    d = Path(run_dir) / 'checkpoints'
-    steps = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()] if d.exists() else []
-    return max(steps) if steps else None
-
-def _params(model) -> dict:
-    from flax import nnx
-    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-
 class Pipeline:
     "The stages of `cfg` over the directory `out_dir`: `run()` them (resuming), or ask for their `status()`."
     def __init__(self, cfg: PipelineConfig, out_dir, *, progress: bool = True, log=print):
@@ -448,45 +738,21 @@ class Pipeline:
         p = self.dir(stage) / 'stage.json'
         return json.loads(p.read_text()) if p.exists() else None
 
-    # -- validity -------------------------------------------------------------------------------------------
-    def _outputs_ok(self, stage: str) -> str | None:
-        "None when `stage`'s outputs are all there, else what is missing."
-        d, c = self.dir(stage), self.cfg
-        want_step = {'pretrain': c.pretrain.steps, 'sft': c.sft.steps, 'dpo': c.dpo.steps, 'rl': c.rl.steps}
-        if stage == 'curate':
-            if not (d / 'summary.json').exists() or not list((d / 'kept').glob('*.jsonl.gz')): return 'the kept documents'
-        elif stage == 'tokenizer':
-            from xgen_small.tokenizer import Tokenizer
-            p = d / 'tokenizer.model'
-            if not p.exists(): return 'tokenizer.model'
-            if Tokenizer(p).fingerprint != self.marker(stage)['summary']['fingerprint']: return 'the tokenizer it recorded'
-        elif stage in want_step:
-            if _last_step(d) != want_step[stage]: return f'the checkpoint of step {want_step[stage]}'
-        elif stage == 'extend':
-            for s in c.extension.stages:
-                if _last_step(d / s.name) != s.steps: return f'the {s.name} checkpoint of step {s.steps}'
-        elif stage == 'eval':
-            if not (d / 'results.json').exists(): return 'results.json'
-        elif stage == 'report':
-            for f in ('summary.md', 'model/hf/model.safetensors', 'model/checkpoints'):
-                if not (d / f).exists(): return f
-        return None
-
     def status(self) -> dict:
         "Per stage: 'done', 'stale' (made with another configuration), 'damaged', 'partial' (started) or 'todo'."
         out = {}
-        for s in STAGES:
-            m = self.marker(s)
-            if m is None: out[s] = 'partial' if self.dir(s).exists() else 'todo'
-            elif m['fingerprint'] != self.fp[s]: out[s] = 'stale'
-            else: out[s] = 'damaged' if self._outputs_ok(s) else 'done'
+        for s in STAGE_TABLE:
+            m = self.marker(s.name)
+            if m is None: out[s.name] = 'partial' if self.dir(s.name).exists() else 'todo'
+            elif m['fingerprint'] != self.fp[s.name]: out[s.name] = 'stale'
+            else: out[s.name] = 'damaged' if s.missing(self, s.name) else 'done'
         return out
 
-    # -- running --------------------------------------------------------------------------------------------
     def run(self, stop_after: str | None = None, redo: str | None = None) -> dict:
         "Run every stage not done yet (up to `stop_after`); `redo`: discard that stage and all later ones first."
         for name in (stop_after, redo):
-            if name is not None and name not in STAGES: raise ConfigError(f"unknown stage {name!r}; the stages are {list(STAGES)}")
+            if name is not None and name not in STAGES:
+                raise ConfigError(f"unknown stage {name!r}; the stages are {list(STAGES)}")
         if self.lead:
             self.out.mkdir(parents=True, exist_ok=True)
             if redo is not None:
@@ -494,37 +760,52 @@ class Pipeline:
                     if self.dir(s).exists(): shutil.rmtree(self.dir(s))
             (self.out / 'pipeline.json').write_text(json.dumps(self.cfg.to_dict(), indent=1))
         _sync('pipeline-start')
-        summaries, last = {}, STAGES.index(stop_after) if stop_after else len(STAGES) - 1
-        for i, s in enumerate(STAGES[:last + 1]):
+        summaries, n = {}, len(STAGE_TABLE)
+        for i, stage in enumerate(STAGE_TABLE[:STAGES.index(stop_after) + 1 if stop_after else n]):
+            s, tag = stage.name, f"[{i + 1}/{n}] {stage.name}"
             m, d = self.marker(s), self.dir(s)
             started = d / 'started.json'
-            seen = m['fingerprint'] if m else json.loads(started.read_text())['fingerprint'] if started.exists() else None
+            seen = (
+                m['fingerprint'] if m else json.loads(started.read_text())['fingerprint'] if started.exists() else None
+            )
             if seen is not None and seen != self.fp[s]:
-                raise PipelineError(f"{d} was made with a different configuration of stage {s!r} (or of a stage it reads from). "
-                                    f"Run with --redo {s} to discard it and every later stage, or use a new output directory.")
+                raise PipelineError(
+                    f"{d} was made with a different configuration of stage {s!r} (or of a stage it reads from). "
+                    f"Run with --redo {s} to discard it and every later stage, or use a new output directory."
+                )
             if m is not None:
-                missing = self._outputs_ok(s)
+                missing = stage.missing(self, s)
                 if missing is None:
                     summaries[s] = m['summary']
-                    self.log(f"[{i + 1}/{len(STAGES)}] {s}: done before ({m['seconds']:.0f}s then), skipped")
+                    self.log(f"{tag}: done before ({m['seconds']:.0f}s then), skipped")
                     continue
-                self.log(f"[{i + 1}/{len(STAGES)}] {s}: its marker is there but {missing} is not; running it again")
+                self.log(f"{tag}: its marker is there but {missing} is not; running it again")
                 _sync(f'{s}-check')
                 if self.lead: (d / 'stage.json').unlink()
             resuming = d.exists() and any(p.name != 'started.json' for p in d.iterdir())
             if self.lead:
                 d.mkdir(parents=True, exist_ok=True)
                 started.write_text(json.dumps(dict(fingerprint=self.fp[s])))
-            self.log(f"[{i + 1}/{len(STAGES)}] {s}: {'resuming' if resuming else 'running'}")
+            self.log(f"{tag}: {'resuming' if resuming else 'running'}")
             t0 = time.perf_counter()
-            summary = getattr(self, f'_{s}')(summaries) if self.lead or s not in LEAD_ONLY else None
+            summary = stage.run(self, summaries) if self.lead or not stage.lead_only else None
             seconds = time.perf_counter() - t0
             if self.lead:
-                (d / 'stage.json').write_text(json.dumps(dict(stage=s, fingerprint=self.fp[s], seconds=round(seconds, 1),
-                                                              finished=time.strftime('%Y-%m-%d %H:%M:%S'), summary=summary), indent=1))
+                (d / 'stage.json').write_text(
+                    json.dumps(
+                        dict(
+                            stage=s,
+                            fingerprint=self.fp[s],
+                            seconds=round(seconds, 1),
+                            finished=time.strftime('%Y-%m-%d %H:%M:%S'),
+                            summary=summary,
+                        ),
+                        indent=1,
+                    )
+                )
             _sync(f'{s}-done')
             summaries[s] = self.marker(s)['summary']
-            self.log(f"[{i + 1}/{len(STAGES)}] {s}: finished in {seconds:.0f}s")
+            self.log(f"{tag}: finished in {seconds:.0f}s")
         return summaries
 
     # -- what the stages read ------------------------------------------------------------------------------
@@ -537,290 +818,27 @@ class Pipeline:
         return self.dir('extend') / self.cfg.extension.stages[-1].name if stage == 'extend' else self.dir(stage)
 
     def model(self, stage: str):
-        from xgen_small.evaluate import load_run
+        from xgen_small.checkpoint import load_run
         return load_run(self.run_dir(stage))[0]
 
     def kept_docs(self) -> list[dict]:
         return [json.loads(l) for p in sorted((self.dir('curate') / 'kept').glob('*.jsonl.gz'))
                 for l in gzip.open(p, 'rt', encoding='utf-8')]
 
-    # -- the stages ----------------------------------------------------------------------------------------
-    def _curate(self, _):
-        from xgen_small.data.curate import curate
-        from xgen_small.data.sample import sample_shards
-        q = None if self.cfg.quality_model == 'none' else self.cfg.quality_model
-        s = curate(list(self.cfg.inputs) or sample_shards(), self.dir('curate'), self.cfg.curate, quality_model=q,
-                   progress=self.progress).summary
-        bad = [e for e in s['inputs'] if e['error']]
-        for e in bad: self.log(f"  shard {e['path']}: {e['error']}")
-        return {k: s[k] for k in ('lines', 'kept', 'dropped', 'reasons', 'kept_by_domain', 'mixture')}
-
-    def _tokenizer(self, _):
-        from xgen_small.tokenizer import Tokenizer, train_tokenizer
-        texts = [d['text'] for d in self.kept_docs()]
-        tok = Tokenizer(train_tokenizer(texts, self.cfg.vocab_size))
-        tok.save(self.dir('tokenizer') / 'tokenizer.model')
-        sample = texts[:200]
-        n_tokens = sum(map(len, tok.encode_batch(sample, errors='replace')))
-        return dict(vocab_size=tok.vocab_size, fingerprint=tok.fingerprint, documents=len(texts),
-                    bytes_per_token=round(sum(len(t.encode()) for t in sample) / n_tokens, 3))
-
-    def _pretrain(self, sums):
-        from xgen_small.data.loader import build_token_store
-        from xgen_small.train import train
-        d, cfg = self.dir('pretrain'), self.cfg.pretrain
-        if self.lead:
-            if not (d / 'data' / 'meta.json').exists():
-                kept = sorted((self.dir('curate') / 'kept').glob('*.jsonl.gz'))
-                build_token_store(kept, self.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
-            (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
-        _sync('pretrain-store')
-        train(cfg, d / 'data', d, progress=self.progress)
-        h = _read_history(d)
-        phase_end = {p: [x['loss'] for x in h if x['phase'] == p][-1] for p in dict.fromkeys(x['phase'] for x in h)}
-        meta = json.loads((d / 'data' / 'meta.json').read_text())
-        return dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
-                    first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
-                    tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
-
-    def _extend(self, _):
-        from xgen_small.evaluate import load_run
-        from xgen_small.extend import extend
-        from xgen_small.train import TrainConfig
-        model, saved = load_run(self.dir('pretrain'))
-        docs = [dict(text=r['text'], domain=r['domain']) for r in self.kept_docs()]
-        r = extend(self.cfg.extension, _params(model), TrainConfig.from_dict(saved), self.tokenizer(), docs, self.dir('extend'),
-                   progress=self.progress)
-        return dict(stages=[{k: v for k, v in s.items() if k != 'seconds'} for s in r.stages])
-
-    def _post(self, stage: str, start: str, run, data, evaluate) -> dict:
-        "Shared by sft / dpo / rl: load `start`'s model, `run` the stage, evaluate before (once) and after."
-        d = self.dir(stage)
-        before_file = d / 'before.json'
-        model = self.model(start)
-        if not before_file.exists(): before_file.write_text(json.dumps(evaluate(model)))
-        run(_params(model), model.cfg, data, d)
-        h = _read_history(d)
-        out = dict(steps=h[-1]['step'], first_loss=h[0]['loss'], final_loss=h[-1]['loss'],
-                   before=json.loads(before_file.read_text()), after=evaluate(self.model(stage)))
-        return out
-
     def held_out_math(self, model) -> float:
-        "Greedy accuracy on the 35 held-out arithmetic questions (never RL prompts; notebook 23)."
-        from xgen_small.rl import arithmetic_tasks, task_reward
-        from xgen_small.sft import chat
+        "Greedy accuracy on the 35 held-out arithmetic questions (never RL prompts; notebook 25)."
+        from xgen_small.posttrain import chat
+        from xgen_small.tasks import arithmetic_tasks, task_reward
         tasks = arithmetic_tasks(None, split='test')
         replies = chat(model, self.tokenizer(), [t['prompt'] for t in tasks], 24)
         return float(np.mean([task_reward(t, r) for t, r in zip(tasks, replies)]))
 
-    def _sft(self, _):
-        from xgen_small.sft import instruction_set, reply_accuracy, sft
-        tok, held = self.tokenizer(), instruction_set(64, seed=10_000, split='test')
-        evaluate = lambda m: dict(reply_accuracy=reply_accuracy(m, tok, held), held_out_math=self.held_out_math(m))
-        run = lambda p, mc, data, d: sft(p, mc, tok, data, self.cfg.sft, d, progress=self.progress)
-        return self._post('sft', 'extend', run, instruction_set(self.cfg.sft_examples, seed=0, shares=self.cfg.sft_shares or None), evaluate)
-
-    def _dpo(self, _):
-        from xgen_small.dpo import arithmetic_pairs, dpo
-        tok = self.tokenizer()
-        run = lambda p, mc, data, d: dpo(p, mc, tok, data, self.cfg.dpo, d, progress=self.progress)
-        out = self._post('dpo', 'sft', run, arithmetic_pairs(self.cfg.dpo_pairs), lambda m: dict(held_out_math=self.held_out_math(m)))
-        h = _read_history(self.dir('dpo'))
-        out.update(reward_accuracy=h[-1]['reward_accuracy'], reward_margin=h[-1]['reward_margin'])
-        return out
-
-    def _rl(self, _):
-        from xgen_small.rl import arithmetic_tasks, rl
-        tok = self.tokenizer()
-        run = lambda p, mc, data, d: rl(p, mc, tok, data, self.cfg.rl, d, progress=self.progress)
-        out = self._post('rl', 'dpo', run, arithmetic_tasks(self.cfg.rl_tasks, seed=0, split='train'),
-                         lambda m: dict(held_out_math=self.held_out_math(m)))
-        h = _read_history(self.dir('rl'))
-        k = max(1, len(h) // 5)
-        out.update(reward_first=float(np.mean([x['reward'] for x in h[:k]])), reward_last=float(np.mean([x['reward'] for x in h[-k:]])))
-        return out
-
-    def _eval(self, _):
-        from xgen_small.data.loader import TokenStore
-        from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, with_max_seq_len
-        e, tok = self.cfg.eval, self.tokenizer()
-        L, rc = max(e.lengths), e.ruler_config()
-        long = lambda m: with_max_seq_len(m, L) if L > m.cfg.max_seq_len else m
-        models = {s: long(self.model(s)) for s in ('pretrain', 'extend', 'rl')}
-        t0 = time.perf_counter()
-        grid = evaluate_ruler(models['rl'], tok, e.tasks, e.lengths, n=e.n, seed=e.seed, cfg=rc)
-        self.log(f"  RULER, {len(e.tasks)} tasks x {len(e.lengths)} lengths x {e.n}: {time.perf_counter() - t0:.0f}s")
-        passkey = {s: evaluate_ruler(models[s], tok, ('niah_single',), e.lengths, n=e.n, seed=e.seed, cfg=rc)
-                   for s in ('pretrain', 'extend')}
-        passkey['rl'] = [r for r in grid if r['task'] == 'niah_single'] or evaluate_ruler(
-            models['rl'], tok, ('niah_single',), e.lengths, n=e.n, seed=e.seed, cfg=rc)
-        store = TokenStore.open(self.run_dir('extend') / 'data')
-        ppl = {s: perplexity_by_position(models[s], store, L, rows=e.perplexity_rows) for s in ('pretrain', 'extend')}
-        results = dict(ruler=grid, passkey=passkey, perplexity=ppl)
-        (self.dir('eval') / 'results.json').write_text(json.dumps(results, indent=1))
-        return dict(ruler_mean={f"{r['task']}@{r['length']}": r['exact'] for r in grid},
-                    passkey={s: {str(r['length']): r['exact'] for r in rows} for s, rows in passkey.items()},
-                    loss_by_position={s: [round(b['loss'], 4) for b in rows] for s, rows in ppl.items()})
-
-    def _report(self, sums):
-        d = self.dir('report')
-        tok = self.tokenizer()
-        final = self.model('rl')
-        export_model(final, tok, d / 'model', config=dict(stage='rl', pipeline=self.fp['report']))
-        figures = report_figures(self, sums, d)
-        (d / 'summary.md').write_text(report_markdown(self, sums, figures))
-        return dict(figures=figures, model=str(d / 'model'))
-
-
 # %% [markdown]
 # ## The report
 #
-# The `report` stage writes what a reader wants after a run: `summary.md` (every stage's numbers, from the
-# markers, so a resumed run reports the whole run and not just its last piece), four plots, and the final model in
-# two forms. `model/checkpoints` is an orbax checkpoint laid out like a training run's but holding only the
-# parameters (a third of the size, no optimizer state), so `load_run`, `xgen-small eval --run` and
-# `xgen-small sft --init` all open it; `model/hf` is the Llama-format safetensors directory of notebook 17, which
-# `transformers` loads as `LlamaForCausalLM`; `model/tokenizer.model` is the sentencepiece model both need.
-
-# %%
-#| export
-def export_model(model, tok, path, *, config: dict | None = None) -> Path:
-    "`model` as a parameters-only orbax run directory (`load_run` opens it), `hf/` Llama safetensors, and the tokenizer."
-    from xgen_small.hf import save_hf_checkpoint
-    from xgen_small.train import Checkpointer
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    if (path / 'checkpoints').exists(): shutil.rmtree(path / 'checkpoints')
-    ck = Checkpointer(path / 'checkpoints', save_every=1, keep=1)
-    ck.save(0, {'params': _params(model)}, {}, dict(config or {}, model=dataclasses.asdict(model.cfg)), force=True)
-    ck.close()
-    save_hf_checkpoint(model, path / 'hf', bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    tok.save(path / 'tokenizer.model')
-    return path
-
-def report_figures(p: Pipeline, sums: dict, out) -> list[str]:
-    "Loss curves, LR and mixture schedule, RULER heatmap with passkey by length, RL reward: PNGs in `out`."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from xgen_small.evaluate import ruler_heatmap
-    out, names = Path(out), []
-    pre = _read_history(p.dir('pretrain'))
-    def save(fig, name):
-        fig.tight_layout(); fig.savefig(out / name, dpi=90); plt.close(fig); names.append(name)
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
-    ax[0].plot([h['step'] for h in pre], [h['loss'] for h in pre], lw=1, label='pre-training')
-    for ph in dict.fromkeys(h['phase'] for h in pre):
-        first = next(h['step'] for h in pre if h['phase'] == ph)
-        if first > 1: ax[0].axvline(first, color='grey', ls=':', lw=1); ax[0].text(first, ax[0].get_ylim()[1], f' {ph}', va='top', fontsize=8)
-    off = pre[-1]['step']
-    for st in p.cfg.extension.stages:
-        h = _read_history(p.dir('extend') / st.name)
-        ax[0].plot([off + x['step'] for x in h], [x['loss'] for x in h], lw=1, label=f'{st.name} ({st.seq_len:,} tokens)')
-        off += st.steps
-    ax[0].set(xlabel='step', ylabel='loss', title='pre-training and length extension', yscale='log'); ax[0].legend(fontsize=8)
-    for s in ('sft', 'dpo'):                        # RL's loss is ~0 by construction: its reward has its own plot
-        h = _read_history(p.dir(s))
-        ax[1].plot([x['step'] for x in h], [x['loss'] for x in h], lw=1, label=s)
-    ax[1].set(xlabel='step', ylabel='loss', title='post-training'); ax[1].legend(fontsize=8)
-    save(fig, 'loss.png')
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 3.4))
-    ax[0].plot([h['step'] for h in pre], [h['lr'] for h in pre], lw=1.5)
-    ax[0].set(xlabel='pre-training step', ylabel='learning rate', title='multi-phase learning rate')
-    mix = sums['curate']['mixture']
-    domains = sorted({d for ph in mix.values() for d in ph['shares']})
-    bottom = np.zeros(len(mix))
-    for dom in domains:
-        v = np.array([mix[ph]['shares'].get(dom, 0.0) for ph in mix])
-        ax[1].bar(list(mix), v, bottom=bottom, label=dom); bottom += v
-    ax[1].set(ylabel='share of tokens', title='mixture by phase (quality annealing)'); ax[1].legend(fontsize=8, loc='center left', bbox_to_anchor=(1, 0.5))
-    save(fig, 'schedule.png')
-
-    res = json.loads((p.dir('eval') / 'results.json').read_text())
-    fig, ax = plt.subplots(1, 2, figsize=(11, 0.45 * len(p.cfg.eval.tasks) + 1.8), gridspec_kw=dict(width_ratios=(3, 2)))
-    ruler_heatmap(res['ruler'], ax=ax[0], title='RULER exact match (%), final model')
-    labels = dict(pretrain='pre-trained', extend='extended', rl='final (after RL)')
-    lengths = sorted(p.cfg.eval.lengths)
-    for k, (s, rows) in enumerate(res['passkey'].items()):       # lengths evenly spaced; markers offset so ties stay visible
-        ax[1].plot([lengths.index(r['length']) + 0.06 * (k - 1) for r in rows], [100 * r['exact'] for r in rows], 'o-', label=labels[s])
-    ax[1].set_xticks(range(len(lengths)), [str(L) for L in lengths])
-    ax[1].set(xlabel='context length (tokens)', ylabel='passkey exact match (%)', ylim=(-5, 105),
-              title=f'single needle by length (pre-trained at {p.cfg.pretrain.seq_len})'); ax[1].legend(fontsize=8)
-    save(fig, 'ruler.png')
-
-    h = _read_history(p.dir('rl'))
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.plot([x['step'] for x in h], [x['reward'] for x in h], label='mean reward of the batch')
-    ax.plot([x['step'] for x in h], [x['accuracy'] for x in h], alpha=0.6, label='fraction of samples right')
-    ax.set(xlabel='RL step', ylim=(0, 1), title='GRPO on arithmetic'); ax.legend(fontsize=8)
-    save(fig, 'rl_reward.png')
-    return names
-
-def _pct(x) -> str: return f'{100 * x:.0f}%'
-
-def report_markdown(p: Pipeline, sums: dict, figures=()) -> str:
-    "The run's `summary.md`: every stage's numbers and time, the evaluation tables, the figures, the exported model."
-    from xgen_small.config import num_params
-    from xgen_small.evaluate import ruler_table
-    c, L = p.cfg, []
-    m = c.pretrain.model
-    L += ['# xgen_small pipeline report', '',
-          f"Run directory `{p.out}`; {num_params(m):,}-parameter model ({m.n_layers} layers x d_model {m.d_model}), "
-          f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s). Every number below comes from the stage markers "
-          f"(`<stage>/stage.json`), so a resumed run reports all of its stages.", '',
-          '| stage | seconds | result |', '|---|---:|---|']
-    cu, tk, pt = sums['curate'], sums['tokenizer'], sums['pretrain']
-    ex, sf, dp, rl, ev = (sums[s] for s in ('extend', 'sft', 'dpo', 'rl', 'eval'))
-    L_eval = max(c.eval.lengths)
-    result = {
-        'curate': f"{cu['lines']:,} documents: {cu['kept']:,} kept, {cu['dropped']:,} dropped",
-        'tokenizer': f"{tk['vocab_size']:,} pieces, {tk['bytes_per_token']:.2f} bytes per token",
-        'pretrain': f"{pt['steps']} steps, {pt['tokens']:,} tokens, loss {pt['first_loss']:.2f} -> {pt['final_loss']:.3f}",
-        'extend': ', '.join(f"{s['seq_len']:,}: loss {s['loss']:.3f}" for s in ex['stages']),
-        'sft': f"right replies {_pct(sf['before']['reply_accuracy']['all'])} -> {_pct(sf['after']['reply_accuracy']['all'])}",
-        'dpo': f"held-out math {_pct(dp['before']['held_out_math'])} -> {_pct(dp['after']['held_out_math'])}, "
-               f"reward accuracy {_pct(dp['reward_accuracy'])}",
-        'rl': f"batch reward {rl['reward_first']:.2f} -> {rl['reward_last']:.2f}, held-out math {_pct(rl['before']['held_out_math'])} -> "
-              f"{_pct(rl['after']['held_out_math'])}",
-        'eval': f"passkey at {L_eval:,} tokens: pre-trained {_pct(ev['passkey']['pretrain'][str(L_eval)])}, "
-                f"extended {_pct(ev['passkey']['extend'][str(L_eval)])}, final {_pct(ev['passkey']['rl'][str(L_eval)])}"}
-    for s in STAGES[:-1]:
-        mk = p.marker(s)
-        L.append(f"| `{s}` | {mk['seconds'] if mk else float('nan'):.0f} | {result[s]} |")
-    L += ['', '## Curation', '', '| dropped because | documents |', '|---|---:|']
-    L += [f'| `{r}` | {n:,} |' for r, n in sorted(cu['reasons'].items(), key=lambda kv: -kv[1])]
-    doms = sorted({d for ph in cu['mixture'].values() for d in ph['shares']})
-    L += ['', '| mixture phase | tokens | ' + ' | '.join(doms) + ' |', '|---|---:|' + '---:|' * len(doms)]
-    L += [f"| {ph} | {sum(v['tokens'].values()):,.0f} | " + ' | '.join(_pct(v['shares'].get(d, 0)) for d in doms) + ' |' for ph, v in cu['mixture'].items()]
-    L += ['', '## Pre-training and length extension', '',
-          f"{pt['steps']} steps of {c.pretrain.batch_size} x {c.pretrain.seq_len} tokens over a {pt['store_tokens']:,}-token store; "
-          f"median {pt['tokens_per_s']:,.0f} tokens/s. Loss at the end of each phase: "
-          + ', '.join(f'{k} {v:.3f}' for k, v in pt['loss_at_phase_end'].items()) + '.', '',
-          '| stage | length | RoPE base | tokens | final loss |', '|---|---:|---:|---:|---:|']
-    L += [f"| {s['stage']} | {s['seq_len']:,} | {s['rope_theta']:,.0f} | {s['tokens']:,} | {s['loss']:.3f} |" for s in ex['stages']]
-    L += ['', '## Post-training', '', '| stage | steps | loss | held-out math, before -> after |', '|---|---:|---:|---:|']
-    for s, v in (('sft', sf), ('dpo', dp), ('rl', rl)):
-        L.append(f"| {s} | {v['steps']} | {v['first_loss']:.3f} -> {v['final_loss']:.3f} | "
-                 f"{_pct(v['before']['held_out_math'])} -> {_pct(v['after']['held_out_math'])} |")
-    ra = sf['after']['reply_accuracy']
-    L += ['', 'Right replies after SFT on 64 held-out generated conversations: '
-          + ', '.join(f'{k} {_pct(v)}' for k, v in ra.items()) + '.']
-    res = json.loads((p.dir('eval') / 'results.json').read_text())
-    L += ['', '## Long-context evaluation', '', ruler_table(res['ruler'], title='final model: task'), '',
-          ruler_table([dict(r, task={'pretrain': 'pre-trained', 'extend': 'extended', 'rl': 'final'}[s]) for s, rows in res['passkey'].items()
-                       for r in rows], title='passkey: model'), '',
-          f"Loss by position on {L_eval:,}-token rows of the extension's long documents:", '',
-          '| positions | pre-trained | extended |', '|---|---:|---:|']
-    loss = lambda b: f"{b['loss']:.3f}" if b['tokens'] else 'no tokens'
-    L += [f"| {a['start']}-{a['end']} | {loss(a)} | {loss(b)} |" for a, b in zip(res['perplexity']['pretrain'], res['perplexity']['extend'])]
-    L += ['', '## Figures', ''] + [f'![{f[:-4]}]({f})' for f in figures]
-    L += ['', '## The model', '',
-          '- `model/checkpoints`: orbax, parameters only: `xgen_small.evaluate.load_run("model")`, `xgen-small eval --run model`',
-          '- `model/hf`: Llama-format safetensors and config.json: `xgen_small.hf.load_hf_checkpoint("model/hf")` or '
-          '`transformers.LlamaForCausalLM.from_pretrained("model/hf")`',
-          '- `model/tokenizer.model`: the sentencepiece model (`xgen_small.tokenizer.Tokenizer`)', '']
-    return '\n'.join(L)
-
+# The `report` stage exports the final model (notebook 17) and writes `summary.md` and its figures with notebook 39's
+# `report_markdown` and `report_figures`, from the stage markers and histories on disk. The quick pass below shows
+# one.
 
 # %% [markdown]
 # ## A quick pass through every stage
@@ -834,7 +852,7 @@ from xgen_small.extend import extension_recipe
 work = Path(tempfile.mkdtemp())
 one_stage = extension_recipe(512, 10_000.0, 32, (1024,), steps=(1, 1), batch_sizes=(4, 2), peak_lr=3e-3, sequence=(2, 4))
 quick = replace(pipeline_config('cpu', steps_scale=0.01).with_overrides(
-    ['quality_model=none', 'sft_examples=64', 'dpo_pairs=32', 'rl_tasks=16', 'rl.batch_size=2', 'rl.group_size=2',
+    ['quality_model=none', 'sft_examples=64', 'dpo_pairs=32', 'rl_tasks=16', 'rl.batch_size=4', 'rl.group_size=2',
      'eval.tasks=niah_single,vt', 'eval.lengths=512,1024', 'eval.n=1', 'eval.perplexity_rows=2']), extension=one_stage)
 t0 = time.perf_counter()
 sums = Pipeline(quick, work / 'run', progress=False).run()
@@ -886,7 +904,7 @@ test_fail(lambda: p2.run(stop_after='ship'), contains="unknown stage 'ship'")
 # An interrupted training stage continues from its checkpoint. Here the pre-training of a fresh directory is cut
 # after two of its four steps (what a killed process leaves behind: a checkpoint at step 2, no marker); the
 # pipeline then trains only steps 3 and 4 (that the result equals an uninterrupted run's, bit for bit, is
-# `train`'s own guarantee, tested in notebook 15). The directory starts from copies of the quick run's `curate` and
+# `train`'s own guarantee, tested in notebook 18). The directory starts from copies of the quick run's `curate` and
 # `tokenizer`, whose fingerprints it shares.
 
 # %%
@@ -904,7 +922,7 @@ lines = []
 Pipeline(cut, work / 'cut', progress=False, log=lines.append).run(stop_after='pretrain')
 print('\n'.join(lines))
 test_eq('pretrain: resuming' in lines[-2], True)
-test_eq([h['step'] for h in _read_history(pc.dir('pretrain'))], [1, 2, 3, 4])
+test_eq([h['step'] for h in read_history(pc.dir('pretrain'))], [1, 2, 3, 4])
 
 # %% [markdown]
 # ### The exported model
@@ -912,7 +930,7 @@ test_eq([h['step'] for h in _read_history(pc.dir('pretrain'))], [1, 2, 3, 4])
 # Both exports hold the RL-trained model: loading either gives the logits of the model the `rl` stage saved.
 
 # %%
-from xgen_small.evaluate import load_run
+from xgen_small.checkpoint import load_run
 from xgen_small.hf import load_hf_checkpoint
 p = Pipeline(other, work / 'run')
 ref = p.model('rl')
@@ -1018,7 +1036,7 @@ test_eq(len(full_sums['report']['figures']), 4)
 #   shared most of its questions with the training set.)
 # - **DPO** (with the chosen reply's NLL) leaves held-out arithmetic where SFT left it (about 11%; the pairs'
 #   reward accuracy reaches about 60%); **RL** at this budget moves it a little (to about 14%, one question more than
-#   DPO's five; the batch reward stays near 0.05). Notebook 23 shows RL doing more (0% -> 31% greedy) when it starts
+#   DPO's five; the batch reward stays near 0.05). Notebook 25 shows RL doing more (0% -> 31% greedy) when it starts
 #   from a math-only SFT and gets 60 steps; at 30 steps after a four-domain SFT too few sampled groups contain a right
 #   answer for GRPO to have a signal. We report it rather than tune the preset until the table looks good; making the
 #   report show each of the paper's effects is issue 21.

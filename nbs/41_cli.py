@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Command line
 #
-# > The `xgen-small` command: one entry point whose subcommands run the pipeline's stages.
+# > The `xgen-small` command line: `run`, `demo`, `presets` and one subcommand per stage.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/41_cli.ipynb)
 
@@ -44,15 +44,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import typing
 
 import jax
 import numpy as np
 from flax import nnx
 
-from xgen_small.config import PRESETS, ConfigError, ModelConfig, get_preset, num_params
+from xgen_small.config import PRESETS, ConfigError, get_preset, num_params
 from xgen_small.generate import Sampling, generate
-from xgen_small.model import Decoder
+from xgen_small.model import Decoder, params_of
 
 # %%
 from fastcore.test import test_eq, test_fail
@@ -65,44 +64,24 @@ from fastcore.test import test_eq, test_fail
 # time and decode speed.
 #
 # `xgen-small curate IN... --out DIR` runs notebook 06's pipeline over JSONL(.gz) shards, and
-# `xgen-small pretrain --data STORE --out RUN [--config cfg.json] [--set model.d_model=256 ...]` notebook 15's
+# `xgen-small pretrain --data STORE --out RUN [--config cfg.json] [--set model.d_model=256 ...]` notebook 18's
 # training loop (resuming when `RUN` already holds checkpoints).
 # `xgen-small extend --run RUN --tokenizer TOK --out EXT [--recipe cpu|xgen|recipe.json]` runs notebook 20's
 # stages from a pre-trained run, and `xgen-small eval --run RUN --tokenizer TOK [--lengths 512,1024 --tasks ...]`
 # prints notebook 30's task x length table (and writes JSON, Markdown and a heatmap with `--out`).
 #
-# Config fields are overridden from the command line with `--set field=value`, parsed by the
-# field's declared type, so a typo or a bad value fails with the field's name (the same validation
-# as in notebook 00).
+# Config fields are overridden from the command line with `--set field=value` (dotted for nested fields), read as
+# the type of the value they replace, so a typo or a bad value fails with the field's name: it is
+# `Config.with_overrides` from notebook 00, the same for every config.
 
 # %%
-#| export
-def parse_overrides(pairs: list[str], cls=ModelConfig) -> dict:
-    "`['d_model=256', 'remat=full']` -> `{'d_model': 256, 'remat': 'full'}`, typed by `cls`'s fields."
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition('=')
-        if not sep: raise ConfigError(f"override {pair!r} must look like field=value")
-        if key not in hints: raise ConfigError(f"{cls.__name__} has no field {key!r}")
-        typ = hints[key]
-        try:
-            if typ is bool:
-                if raw.lower() not in ('true', 'false', '1', '0'): raise ValueError(raw)
-                out[key] = raw.lower() in ('true', '1')
-            else: out[key] = typ(raw)
-        except ValueError: raise ConfigError(f"{cls.__name__}.{key}: cannot read {raw!r} as {typ.__name__}") from None
-    return out
-
+get_preset('tiny').with_overrides(['d_model=256', 'scan_layers=false', 'rope_theta=1e6', 'remat=full'])
 
 # %%
-parse_overrides(['d_model=256', 'scan_layers=false', 'rope_theta=1e6', 'remat=full'])
-
-# %%
-test_eq(parse_overrides(['n_layers=2', 'tie_embeddings=true']), {'n_layers': 2, 'tie_embeddings': True})
-test_fail(lambda: parse_overrides(['width=3']), contains="no field 'width'")
-test_fail(lambda: parse_overrides(['n_layers=two']), contains='n_layers')
-test_fail(lambda: parse_overrides(['n_layers']), contains='field=value')
+test_eq(get_preset('tiny').with_overrides(['n_layers=2', 'tie_embeddings=true']).n_layers, 2)
+test_fail(lambda: get_preset('tiny').with_overrides(['width=3']), contains="no config field 'width'")
+test_fail(lambda: get_preset('tiny').with_overrides(['n_layers=two']), contains='n_layers')
+test_fail(lambda: get_preset('tiny').with_overrides(['n_layers']), contains='field=value')
 
 
 # %%
@@ -110,21 +89,26 @@ test_fail(lambda: parse_overrides(['n_layers']), contains='field=value')
 def demo(preset: str = 'tiny', overrides: list[str] = (), batch: int = 4, prompt_len: int = 16,
          max_new_tokens: int = 32, sampling: Sampling = Sampling(), seed: int = 0) -> dict:
     "Initialise a model from `preset`, decode a batch of random prompts, print and return what happened."
-    cfg = get_preset(preset, **parse_overrides(list(overrides)))
+    cfg = get_preset(preset).with_overrides(list(overrides))
     print(f'devices: {jax.devices()}')
     print(f'model: {preset} ({num_params(cfg):,} parameters), {cfg.n_layers} layers x d_model {cfg.d_model}, '
           f'{cfg.n_heads} heads / {cfg.n_kv_heads} KV heads, computing in {cfg.compute_jnp_dtype.name}')
     t0 = time.perf_counter()
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(0, cfg.vocab_size, size=int(rng.integers(1, prompt_len + 1))).tolist() for _ in range(batch)]
+    prompts = [
+        rng.integers(0, cfg.vocab_size, size=int(rng.integers(1, prompt_len + 1))).tolist() for _ in range(batch)
+    ]
     generate(model, prompts, max_new_tokens, sampling=sampling, seed=seed)     # compiles
     t1 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens, sampling=sampling, seed=seed)
     t2 = time.perf_counter()
     n_new = sum(map(len, out.tokens))
-    for p, t in zip(prompts, out.tokens): print(f'prompt ({len(p):2d} tokens) -> {t[:12]}{" ..." if len(t) > 12 else ""}')
-    print(f'init + compile {t1 - t0:.1f}s; decoded {n_new} tokens in {t2 - t1:.3f}s = {n_new / (t2 - t1):,.0f} tokens/s')
+    for p, t in zip(prompts, out.tokens):
+        print(f'prompt ({len(p):2d} tokens) -> {t[:12]}{" ..." if len(t) > 12 else ""}')
+    print(
+        f'init + compile {t1 - t0:.1f}s; decoded {n_new} tokens in {t2 - t1:.3f}s = {n_new / (t2 - t1):,.0f} tokens/s'
+    )
     return dict(prompts=prompts, tokens=out.tokens, tokens_per_s=n_new / (t2 - t1))
 
 
@@ -142,11 +126,20 @@ test_eq(r['tokens'], demo(batch=2, max_new_tokens=8)['tokens'])  # deterministic
 # %%
 #| export
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='xgen-small', description='xGen-small pipeline: curate, train, extend, post-train, evaluate.')
+    p = argparse.ArgumentParser(
+        prog='xgen-small', description='xGen-small pipeline: curate, train, extend, post-train, evaluate.'
+    )
     sub = p.add_subparsers(dest='command', required=True)
     d = sub.add_parser('demo', help='initialise a model from a preset and decode a batch with the KV cache')
     d.add_argument('--preset', default='tiny', choices=sorted(PRESETS))
-    d.add_argument('--set', dest='overrides', action='append', default=[], metavar='FIELD=VALUE', help='override a ModelConfig field')
+    d.add_argument(
+        '--set',
+        dest='overrides',
+        action='append',
+        default=[],
+        metavar='FIELD=VALUE',
+        help='override a ModelConfig field',
+    )
     d.add_argument('--batch', type=int, default=4)
     d.add_argument('--prompt-len', type=int, default=16)
     d.add_argument('--max-new-tokens', type=int, default=32)
@@ -155,21 +148,45 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--top-p', type=float, default=1.0)
     d.add_argument('--seed', type=int, default=0)
     sub.add_parser('presets', help='list the model presets and their parameter counts')
-    r = sub.add_parser('run', help='the whole pipeline: curate, tokenizer, pre-train, extend, SFT, DPO, RL, evaluate, report '
-                       '(notebook 40); resumes the run in --out')
-    r.add_argument('--preset', default='cpu', choices=('cpu', 'xgen_4b', 'xgen_9b'), help='pipeline preset (default: cpu, the tiny model)')
-    r.add_argument('--config', default=None, help='PipelineConfig JSON file (instead of --preset; a run writes its own as pipeline.json)')
+    # the run's stages come from the pipeline's table
+    from xgen_small.pipeline import STAGE_TABLE, STAGES
+    r = sub.add_parser(
+        'run', help=f"the whole pipeline: {', '.join(STAGES)} (notebook 40); resumes the run in --out",
+        epilog='stages: ' + '; '.join(f'{s.name}: {s.about}' for s in STAGE_TABLE),
+    )
+    r.add_argument(
+        '--preset',
+        default='cpu',
+        choices=('cpu', 'xgen_4b', 'xgen_9b'),
+        help='pipeline preset (default: cpu, the tiny model)',
+    )
+    r.add_argument(
+        '--config',
+        default=None,
+        help='PipelineConfig JSON file (instead of --preset; a run writes its own as pipeline.json)',
+    )
     r.add_argument('--set', dest='overrides', action='append', default=[], metavar='FIELD=VALUE',
                    help='override a field, e.g. pretrain.batch_size=16, rl.steps=40, eval.lengths=512,1024')
-    r.add_argument('--inputs', nargs='+', default=None, metavar='JSONL', help='shards to curate (default: the embedded sample corpus)')
-    r.add_argument('--out', default='runs/xgen_small', help='run directory (default: runs/xgen_small); an existing run is resumed')
+    r.add_argument(
+        '--inputs',
+        nargs='+',
+        default=None,
+        metavar='JSONL',
+        help='shards to curate (default: the embedded sample corpus)',
+    )
+    r.add_argument(
+        '--out', default='runs/xgen_small', help='run directory (default: runs/xgen_small); an existing run is resumed'
+    )
     r.add_argument('--steps-scale', type=float, default=1.0, help="multiply every training stage's steps (quick runs)")
-    r.add_argument('--stop-after', default=None, metavar='STAGE', help='stop after this stage')
-    r.add_argument('--redo', default=None, metavar='STAGE', help='discard this stage and every later one, then run them again')
+    r.add_argument('--stop-after', default=None, choices=STAGES, metavar='STAGE', help='stop after this stage')
+    r.add_argument('--redo', default=None, choices=STAGES, metavar='STAGE',
+                   help='discard this stage and every later one, then run them again')
     r.add_argument('--status', action='store_true', help="print each stage's state and exit")
     r.add_argument('--dry-run', action='store_true', help='print the training plan and the mesh on this host, and exit')
     r.add_argument('--no-progress', action='store_true')
-    c = sub.add_parser('curate', help='filter, score, deduplicate and mix JSONL(.gz) shards; writes kept documents and a ledger')
+    c = sub.add_parser(
+        'curate', help='filter, score, deduplicate and mix JSONL(.gz) shards; writes kept documents and a ledger'
+    )
     c.add_argument('inputs', nargs='+', metavar='IN', help='JSONL or JSONL.gz shards (one JSON object per line)')
     c.add_argument('--out', required=True, help='output directory')
     c.add_argument('--workers', type=int, default=2, help='processes for the per-shard stage')
@@ -177,25 +194,43 @@ def _parser() -> argparse.ArgumentParser:
                    help="saved quality model (.npz), 'default' (train on the sample corpus) or 'none'")
     c.add_argument('--default-domain', default=None, help='domain for documents without one (else they are dropped)')
     c.add_argument('--dedup-threshold', type=float, default=0.6)
-    c.add_argument('--total-tokens', type=float, default=None, help='mixture budget across phases (default: the kept corpus size)')
+    c.add_argument(
+        '--total-tokens', type=float, default=None, help='mixture budget across phases (default: the kept corpus size)'
+    )
     c.add_argument('--no-progress', action='store_true')
-    t = sub.add_parser('pretrain', help='pre-train from a token store (notebook 08) with a TrainConfig JSON file and overrides')
+    t = sub.add_parser(
+        'pretrain', help='pre-train from a token store (notebook 08) with a TrainConfig JSON file and overrides'
+    )
     t.add_argument('--data', required=True, help='token store directory')
     t.add_argument('--out', required=True, help='run directory (checkpoints, history); an existing run is resumed')
     t.add_argument('--config', default=None, help='TrainConfig JSON (default: the tiny preset defaults)')
     t.add_argument('--set', dest='overrides', action='append', default=[], metavar='FIELD=VALUE',
                    help="override a TrainConfig field, e.g. model.d_model=256, batch_size=16, schedule.0.peak_lr=1e-3")
-    t.add_argument('--steps', type=int, default=None, help='stop after this many steps in total (default: the schedule length)')
+    t.add_argument(
+        '--steps', type=int, default=None, help='stop after this many steps in total (default: the schedule length)'
+    )
     t.add_argument('--no-progress', action='store_true')
-    e = sub.add_parser('extend', help='two-stage length extension plus over-length training of a pre-trained run (notebook 20)')
+    e = sub.add_parser(
+        'extend', help='two-stage length extension plus over-length training of a pre-trained run (notebook 20)'
+    )
     e.add_argument('--run', required=True, help='pre-training run directory (its latest checkpoint is extended)')
     e.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
-    e.add_argument('--out', required=True, help='extension directory (one sub-directory per stage); resumed when it exists')
+    e.add_argument(
+        '--out', required=True, help='extension directory (one sub-directory per stage); resumed when it exists'
+    )
     e.add_argument('--recipe', default='cpu', help="'cpu', 'xgen' or a recipe JSON file (ExtensionRecipe.to_dict)")
-    e.add_argument('--docs', nargs='*', default=None, metavar='JSONL', help='natural documents for the long mixture (default: the sample corpus)')
+    e.add_argument(
+        '--docs',
+        nargs='*',
+        default=None,
+        metavar='JSONL',
+        help='natural documents for the long mixture (default: the sample corpus)',
+    )
     e.add_argument('--steps-scale', type=float, default=1.0, help='multiply every stage\'s steps (quick runs)')
     e.add_argument('--no-progress', action='store_true')
-    v = sub.add_parser('eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)')
+    v = sub.add_parser(
+        'eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)'
+    )
     v.add_argument('--run', required=True, help='run directory (pre-training, or one stage of an extension)')
     v.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
     v.add_argument('--tasks', default='niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe')
@@ -203,38 +238,47 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument('--n', type=int, default=10, help='samples per task and length')
     v.add_argument('--digits', type=int, default=5, help='digits of each needle value')
     v.add_argument('--seed', type=int, default=0)
-    v.add_argument('--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)')
+    v.add_argument(
+        '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
+    )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
     for name, what, data_help in (
-            ('sft', 'supervised fine-tuning on chat conversations, assistant tokens only (notebook 21)',
+            ('sft', 'supervised fine-tuning on chat conversations, assistant tokens only (notebook 23)',
              "JSONL of {'messages': [...]} (default: the generated instruction set, --n conversations)"),
-            ('dpo', 'preference learning (DPO / IPO) from prompt/chosen/rejected pairs (notebook 22)',
+            ('dpo', 'preference learning (DPO / IPO) from prompt/chosen/rejected pairs (notebook 24)',
              "JSONL of {'prompt': [...], 'chosen': str, 'rejected': str} (default: --n rule-made arithmetic pairs)"),
-            ('rl', 'online GRPO with verifiable rewards: math answers, code unit tests (notebook 23)',
+            ('rl', 'online GRPO with verifiable rewards: math answers, code unit tests (notebook 25)',
              "JSONL of {'kind': 'math', 'prompt': [...], 'answer': str} or {'kind': 'code', ..., 'tests': [...]} "
              "(default: --n arithmetic training tasks)")):
         s = sub.add_parser(name, help=what)
         s.add_argument('--init', required=True, help="run directory to start from (any stage), or a model preset name "
                        "such as 'tiny' for a fresh random model sized to the tokenizer")
         s.add_argument('--tokenizer', required=True, help='the sentencepiece model')
-        s.add_argument('--config', default=None, help=f'{name.upper() if name != "rl" else "RL"}Config JSON file (default: its defaults)')
+        s.add_argument(
+            '--config',
+            default=None,
+            help=f'{name.upper() if name != "rl" else "RL"}Config JSON file (default: its defaults)',
+        )
         s.add_argument('--data', nargs='*', default=None, metavar='JSONL', help=data_help)
         s.add_argument('--n', type=int, default=1000, help='how many generated examples when --data is not given')
         s.add_argument('--out', required=True, help='run directory (checkpoints, history); an existing run is resumed')
-        if name in ('dpo', 'rl'): s.add_argument('--ref', default=None, help='reference run directory (default: --init)')
+        if name in ('dpo', 'rl'):
+            s.add_argument('--ref', default=None, help='reference run directory (default: --init)')
         s.add_argument('--no-progress', action='store_true')
     return p
 
 def _read_jsonl(paths, what: str) -> list[dict]:
     "Objects from JSONL(.gz) files, with the file and line of anything that is not one."
-    import gzip, json
+    import gzip
+    import json
     out = []
     for p in paths:
         with (gzip.open(p, 'rt', encoding='utf-8') if str(p).endswith('.gz') else open(p, encoding='utf-8')) as f:
             for i, line in enumerate(f):
                 if not line.strip(): continue
                 try: r = json.loads(line)
-                except json.JSONDecodeError as err: raise ValueError(f"{p} line {i + 1}: not JSON ({err.msg})") from None
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{p} line {i + 1}: not JSON ({err.msg})") from None
                 if not isinstance(r, dict): raise ValueError(f"{p} line {i + 1}: expected a JSON object ({what})")
                 out.append(r)
     return out
@@ -242,25 +286,28 @@ def _read_jsonl(paths, what: str) -> list[dict]:
 def _post_cmd(args) -> None:
     "`sft`, `dpo` and `rl`: load the start (and reference), the config and the data, run the stage, print a summary."
     from pathlib import Path
-    from flax import nnx
+
+    from xgen_small.checkpoint import load_run
     from xgen_small.config import PRESETS, get_preset
-    from xgen_small.evaluate import load_run
-    from xgen_small.sft import random_params
+    from xgen_small.posttrain import random_params
     from xgen_small.tokenizer import Tokenizer
     tok = Tokenizer(args.tokenizer)
     if args.init in PRESETS:
         mcfg = get_preset(args.init, vocab_size=tok.vocab_size); params = random_params(mcfg)
     else:
-        model, _ = load_run(args.init); mcfg = model.cfg; params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        model, _ = load_run(args.init); mcfg = model.cfg; params = params_of(model)
     if mcfg.vocab_size < tok.vocab_size:
-        raise ValueError(f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})")
+        raise ValueError(
+            f"the model's vocabulary ({mcfg.vocab_size}) is smaller than the tokenizer's ({tok.vocab_size})"
+        )
     ref = None
     if getattr(args, 'ref', None):
-        rm, _ = load_run(args.ref); ref = nnx.to_pure_dict(nnx.state(rm, nnx.Param))
+        rm, _ = load_run(args.ref); ref = params_of(rm)
     data = _read_jsonl(args.data, args.command) if args.data else None
     kw = dict(progress=not args.no_progress)
     if args.command == 'sft':
-        from xgen_small.sft import SFTConfig, instruction_set, sft
+        from xgen_small.sft import SFTConfig, sft
+        from xgen_small.tasks import instruction_set
         cfg = SFTConfig.load(args.config) if args.config else SFTConfig()
         r = sft(params, mcfg, tok, data or instruction_set(args.n), cfg, args.out, **kw)
     elif args.command == 'dpo':
@@ -268,7 +315,8 @@ def _post_cmd(args) -> None:
         cfg = DPOConfig.load(args.config) if args.config else DPOConfig()
         r = dpo(params, mcfg, tok, data or arithmetic_pairs(args.n), cfg, args.out, ref_params=ref, **kw)
     else:
-        from xgen_small.rl import RLConfig, arithmetic_tasks, rl
+        from xgen_small.rl import RLConfig, rl
+        from xgen_small.tasks import arithmetic_tasks
         cfg = RLConfig.load(args.config) if args.config else RLConfig()
         r = rl(params, mcfg, tok, data or arithmetic_tasks(args.n), cfg, args.out, ref_params=ref, **kw)
     h = r.history
@@ -283,22 +331,20 @@ def _read_docs(paths) -> list[dict]:
     if not paths: return [dict(text=d['text'], domain=d['domain']) for d in load_sample()]
     docs = []
     for i, r in enumerate(_read_jsonl(paths, 'a document')):
-        if not isinstance(r.get('text'), str): raise ValueError(f"document {i}: expected an object with a string 'text'")
+        if not isinstance(r.get('text'), str):
+            raise ValueError(f"document {i}: expected an object with a string 'text'")
         docs.append(dict(text=r['text'], domain=r.get('domain', 'web')))
     return docs
 
 def _run_cmd(args) -> None:
     "`run`: build the pipeline config, then print its plan or status, or run it."
-    import json
     from dataclasses import replace
     from pathlib import Path
+
     from xgen_small.pipeline import Pipeline, PipelineConfig, pipeline_config, plan, scale_steps
     from xgen_small.sharding import init_distributed
     init_distributed()
-    if args.config:
-        try: d = json.loads(Path(args.config).read_text())
-        except json.JSONDecodeError as e: raise ConfigError(f"{args.config}: not valid JSON ({e})") from None
-        cfg = scale_steps(PipelineConfig.from_dict(d), args.steps_scale)
+    if args.config: cfg = scale_steps(PipelineConfig.load(args.config), args.steps_scale)
     else: cfg = pipeline_config(args.preset, steps_scale=args.steps_scale)
     if args.inputs: cfg = replace(cfg, inputs=tuple(str(Path(p).absolute()) for p in args.inputs))
     cfg = cfg.with_overrides(args.overrides)
@@ -315,28 +361,33 @@ def _run_cmd(args) -> None:
 def _extend_cmd(args) -> None:
     import json
     from pathlib import Path
-    from xgen_small.evaluate import load_run
+
+    from xgen_small.checkpoint import load_run
     from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe, extend
     from xgen_small.tokenizer import Tokenizer
     from xgen_small.train import TrainConfig
-    from flax import nnx
     recipe = (EXTENSION_PRESETS[args.recipe] if args.recipe in EXTENSION_PRESETS else
               ExtensionRecipe.from_dict(json.loads(Path(args.recipe).read_text())))
     model, saved = load_run(args.run)
-    cfg = TrainConfig.from_dict(saved)
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    cfg = TrainConfig.from_dict(saved['train'])
+    params = params_of(model)
     r = extend(recipe, params, cfg, Tokenizer(args.tokenizer), _read_docs(args.docs), args.out,
                progress=not args.no_progress, steps_scale=args.steps_scale)
     for s in r.stages:
-        print(f"{s['stage']:>10}: {s['seq_len']:>7,} tokens, RoPE base {s['rope_theta']:>12,.0f}, final loss {s['loss']:.3f} ({s['seconds']}s)")
+        print(
+            f"{s['stage']:>10}: {s['seq_len']:>7,} tokens, RoPE base {s['rope_theta']:>12,.0f}, final loss "
+            f"{s['loss']:.3f} ({s['seconds']}s)"
+        )
     print(f"extended model: {args.out}/{recipe.stages[-1].name}")
 
 def _eval_cmd(args) -> None:
     import json
     from pathlib import Path
+
     from xgen_small import ruler
+    from xgen_small.checkpoint import load_run
     from xgen_small.data.loader import TokenStore
-    from xgen_small.evaluate import evaluate_ruler, load_run, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
+    from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
     from xgen_small.tokenizer import Tokenizer
     tasks = [t for t in args.tasks.split(',') if t]
     bad = [t for t in tasks if t not in ruler.TASKS]
@@ -346,7 +397,9 @@ def _eval_cmd(args) -> None:
     model, _ = load_run(args.run)
     model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
     tok = Tokenizer(args.tokenizer)
-    rows = evaluate_ruler(model, tok, tasks, lengths, n=args.n, seed=args.seed, cfg=ruler.RulerConfig(digits=args.digits))
+    rows = evaluate_ruler(
+        model, tok, tasks, lengths, n=args.n, seed=args.seed, cfg=ruler.RulerConfig(digits=args.digits)
+    )
     print(ruler_table(rows))
     out = dict(ruler=rows)
     if args.perplexity_store:
@@ -356,55 +409,54 @@ def _eval_cmd(args) -> None:
         d = Path(args.out); d.mkdir(parents=True, exist_ok=True)
         (d / 'results.json').write_text(json.dumps(out, indent=1))
         (d / 'results.md').write_text(ruler_table(rows) + '\n')
-        import matplotlib; matplotlib.use('Agg')
+        import matplotlib
+        matplotlib.use('Agg')
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
         print(f'results in {d}')
 
+def _demo_cmd(args) -> None:
+    demo(args.preset, args.overrides, args.batch, args.prompt_len, args.max_new_tokens,
+         Sampling(args.temperature, args.top_k, args.top_p), args.seed)
+
+def _presets_cmd(args) -> None:
+    for name, c in PRESETS.items(): print(f'{name:8} {num_params(c):>15,} parameters  {c}')
+
+def _curate_cmd(args) -> None:
+    from xgen_small.data.curate import CurateConfig, curate
+    cfg = CurateConfig(workers=args.workers, default_domain=args.default_domain,
+                       dedup_threshold=args.dedup_threshold, total_tokens=args.total_tokens)
+    qm = None if args.quality_model == 'none' else args.quality_model
+    s = curate(args.inputs, args.out, cfg, quality_model=qm, progress=not args.no_progress).summary
+    print(f"{s['lines']:,} lines: {s['kept']:,} kept, {s['dropped']:,} dropped ({s['seconds']['total']}s); "
+          f"ledger and summary in {args.out}")
+    for reason, n in sorted(s['reasons'].items(), key=lambda kv: -kv[1]): print(f'  {n:6,}  {reason}')
+    for e in s['inputs']:
+        if e['error']: print(f"  shard {e['path']}: {e['error']}", file=sys.stderr)
+
+def _pretrain_cmd(args) -> None:
+    import json
+    from pathlib import Path
+
+    from xgen_small.train import TrainConfig, train
+    cfg = (TrainConfig.load(args.config) if args.config else TrainConfig()).with_overrides(args.overrides)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
+    r = train(cfg, args.data, args.out, steps=args.steps, progress=not args.no_progress)
+    if r.history: print(f"trained to step {r.history[-1]['step']}: loss {r.history[-1]['loss']:.4f}; run in {args.out}")
+    else: print(f'nothing to do: the run in {args.out} is already at its last step')
+
+COMMANDS = dict(demo=_demo_cmd, presets=_presets_cmd, curate=_curate_cmd, pretrain=_pretrain_cmd, run=_run_cmd,
+                extend=_extend_cmd, eval=_eval_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
+
 def main(argv: list[str] | None = None) -> int:
-    "Run the `xgen-small` command line; returns the exit status."
+    """Run the `xgen-small` command line; returns the exit status: 0, 2 for a bad configuration or input (a message
+    naming it), 3 when training diverged (the last good checkpoint is kept)."""
+    from xgen_small.train import TrainingDiverged
     args = _parser().parse_args(argv)
-    try:
-        if args.command == 'demo':
-            demo(args.preset, args.overrides, args.batch, args.prompt_len, args.max_new_tokens,
-                 Sampling(args.temperature, args.top_k, args.top_p), args.seed)
-        elif args.command == 'presets':
-            for name, c in PRESETS.items(): print(f'{name:8} {num_params(c):>15,} parameters  {c}')
-        elif args.command == 'curate':
-            from xgen_small.data.curate import CurateConfig, curate
-            cfg = CurateConfig(workers=args.workers, default_domain=args.default_domain,
-                               dedup_threshold=args.dedup_threshold, total_tokens=args.total_tokens)
-            qm = None if args.quality_model == 'none' else args.quality_model
-            s = curate(args.inputs, args.out, cfg, quality_model=qm, progress=not args.no_progress).summary
-            print(f"{s['lines']:,} lines: {s['kept']:,} kept, {s['dropped']:,} dropped ({s['seconds']['total']}s); "
-                  f"ledger and summary in {args.out}")
-            for reason, n in sorted(s['reasons'].items(), key=lambda kv: -kv[1]): print(f'  {n:6,}  {reason}')
-            for e in s['inputs']:
-                if e['error']: print(f"  shard {e['path']}: {e['error']}", file=sys.stderr)
-        elif args.command == 'pretrain':
-            import json
-            from pathlib import Path
-            from xgen_small.train import TrainConfig, TrainingDiverged, apply_overrides, train
-            cfg = TrainConfig.from_dict(json.loads(Path(args.config).read_text())) if args.config else TrainConfig()
-            cfg = apply_overrides(cfg, args.overrides)
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
-            try: r = train(cfg, args.data, args.out, steps=args.steps, progress=not args.no_progress)
-            except TrainingDiverged as e:
-                print(f'xgen-small pretrain: {e}', file=sys.stderr); return 3
-            if r.history: print(f"trained to step {r.history[-1]['step']}: loss {r.history[-1]['loss']:.4f}; run in {args.out}")
-            else: print(f'nothing to do: the run in {args.out} is already at its last step')
-        elif args.command == 'run':
-            from xgen_small.train import TrainingDiverged
-            try: _run_cmd(args)
-            except TrainingDiverged as e:
-                print(f'xgen-small run: {e}', file=sys.stderr); return 3
-        elif args.command == 'extend': _extend_cmd(args)
-        elif args.command == 'eval': _eval_cmd(args)
-        elif args.command in ('sft', 'dpo', 'rl'):
-            from xgen_small.train import TrainingDiverged
-            try: _post_cmd(args)
-            except TrainingDiverged as e:
-                print(f'xgen-small {args.command}: {e}', file=sys.stderr); return 3
+    try: COMMANDS[args.command](args)
+    except TrainingDiverged as e:
+        print(f'xgen-small {args.command}: {e}', file=sys.stderr)
+        return 3
     except (ConfigError, ValueError, FileNotFoundError) as e:          # PipelineError is a ValueError
         print(f'xgen-small {args.command}: error: {e}', file=sys.stderr)
         return 2

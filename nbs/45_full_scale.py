@@ -15,7 +15,7 @@
 # %% [markdown]
 # # Reproducing xGen-small at full scale
 #
-# > What the `xgen_4b` and `xgen_9b` presets cost, stage by stage, on TPU v5p slices: FLOPs from our closed-form counts, hours from stated peak rates and utilisation assumptions, and the meshes the same code builds there.
+# > What reproducing xGen-small costs on TPU v5p slices, stage by stage, and the commands that run it.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/45_full_scale.ipynb)
 
@@ -42,7 +42,7 @@ if 'google.colab' in sys.modules:
 # at the paper's scale. Before anyone books a pod, they should know what a run will cost. This page computes it
 # from three things, each stated so it can be changed:
 #
-# 1. **FLOPs per token**, from `train.flops_per_token` (notebook 15): $6N_\text{matmul} + 12\,L\,H\,h\,T$ for a training
+# 1. **FLOPs per token**, from `train.flops_per_token` (notebook 18): $6N_\text{matmul} + 12\,L\,H\,h\,T$ for a training
 #    step (forward and backward, PaLM's convention, attention counted over the full $T \times T$ score matrix), and
 #    $2N_\text{matmul} + 4\,L\,H\,h\,T$ for a forward pass alone (reference log-probs, sampling).
 # 2. **Tokens per stage.** Pre-training: the paper's 8 trillion tokens, at 8K tokens per sequence (the length our
@@ -64,9 +64,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xgen_small.config import ModelConfig, get_preset, param_counts
+from xgen_small.config import ModelConfig
 from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe
 from xgen_small.train import flops_per_token
+
+
+# %%
+from xgen_small.config import get_preset, param_counts
 
 # %%
 #| export
@@ -97,24 +101,51 @@ class StageCost:
     mfu: float
     hours: float                         # on the given number of chips
 
-def stage_costs(model: ModelConfig, chips: int, *, chip: str = 'v5p', pretrain_tokens: float = 8e12, pretrain_seq: int = 8192,
-                recipe: ExtensionRecipe = EXTENSION_PRESETS['xgen'], post: PostTrainingSizes = PostTrainingSizes(),
-                mfu_pretrain: float = 0.5, mfu_long: float = 0.4, mfu_post: float = 0.4, mfu_sample: float = 0.1) -> list[StageCost]:
+def stage_costs(
+    model: ModelConfig,
+    chips: int,
+    *,
+    chip: str = 'v5p',
+    pretrain_tokens: float = 8e12,
+    pretrain_seq: int = 8192,
+    recipe: ExtensionRecipe = EXTENSION_PRESETS['xgen'],
+    post: PostTrainingSizes = PostTrainingSizes(),
+    mfu_pretrain: float = 0.5,
+    mfu_long: float = 0.4,
+    mfu_post: float = 0.4,
+    mfu_sample: float = 0.1,
+) -> list[StageCost]:
     "FLOPs and wall-clock hours of every stage of the pipeline for `model` on `chips` chips of type `chip`."
     if chip not in PEAK_BF16_FLOPS: raise ValueError(f"unknown chip {chip!r}; have {sorted(PEAK_BF16_FLOPS)}")
     if chips < 1: raise ValueError(f"chips must be positive, got {chips}")
     rate = chips * PEAK_BF16_FLOPS[chip]
     out = []
-    def add(stage, tokens, seq, flops, mfu): out.append(StageCost(stage, tokens, seq, flops, mfu, flops / (rate * mfu) / 3600))
-    add('pre-training', pretrain_tokens, pretrain_seq, pretrain_tokens * flops_per_token(model, pretrain_seq), mfu_pretrain)
+    def add(stage, tokens, seq, flops, mfu):
+        out.append(StageCost(stage, tokens, seq, flops, mfu, flops / (rate * mfu) / 3600))
+    add(
+        'pre-training',
+        pretrain_tokens,
+        pretrain_seq,
+        pretrain_tokens * flops_per_token(model, pretrain_seq),
+        mfu_pretrain,
+    )
     for s in recipe.stages:
         n = s.steps * s.batch_size * s.seq_len
         add(f'extension: {s.name}', n, s.seq_len, n * flops_per_token(model, s.seq_len), mfu_long)
     L = post.seq_len
     add('SFT', post.sft_tokens, L, post.sft_tokens * flops_per_token(model, L), mfu_post)
     n = 2 * post.dpo_pairs * post.dpo_tokens_per_side          # both replies: trained, and scored once by the reference
-    add('DPO', n, int(post.dpo_tokens_per_side), n * (flops_per_token(model, int(post.dpo_tokens_per_side))
-                                                        + forward_flops_per_token(model, int(post.dpo_tokens_per_side))), mfu_post)
+    add(
+        'DPO',
+        n,
+        int(post.dpo_tokens_per_side),
+        n
+        * (
+            flops_per_token(model, int(post.dpo_tokens_per_side))
+            + forward_flops_per_token(model, int(post.dpo_tokens_per_side))
+        ),
+        mfu_post,
+    )
     g = post.rl_steps * post.rl_prompts_per_step * post.rl_group_size * post.rl_tokens_per_completion
     T = int(post.rl_tokens_per_completion)
     add('RL: sampling', g, T, g * forward_flops_per_token(model, T), mfu_sample)
@@ -123,10 +154,15 @@ def stage_costs(model: ModelConfig, chips: int, *, chip: str = 'v5p', pretrain_t
 
 def cost_table(costs: list[StageCost], title: str = '') -> str:
     "A Markdown table of `stage_costs`, with totals."
-    rows = [f"| {c.stage} | {c.tokens / 1e9:,.1f}B | {c.seq_len:,} | {c.flops:.2e} | {c.mfu:.0%} | {c.hours:,.1f} | {c.hours / 24:,.1f} |"
-            for c in costs]
+    rows = [
+        f"| {c.stage} | {c.tokens / 1e9:,.1f}B | {c.seq_len:,} | {c.flops:.2e} | {c.mfu:.0%} | {c.hours:,.1f} | "
+        f"{c.hours / 24:,.1f} |"
+        for c in costs
+    ]
     tf, th = sum(c.flops for c in costs), sum(c.hours for c in costs)
-    head = (f'**{title}**\n\n' if title else '') + '| stage | tokens | length | FLOPs | MFU | hours | days |\n|---|---:|---:|---:|---:|---:|---:|\n'
+    head = (
+        f'**{title}**\n\n' if title else ''
+    ) + '| stage | tokens | length | FLOPs | MFU | hours | days |\n|---|---:|---:|---:|---:|---:|---:|\n'
     return head + '\n'.join(rows) + f'\n| **total** | | | **{tf:.2e}** | | **{th:,.0f}** | **{th / 24:,.1f}** |'
 
 # %% [markdown]
@@ -225,7 +261,7 @@ for s in EXTENSION_PRESETS['xgen'].stages:
 # ```
 #
 # with `pretrain_4b.json` a `TrainConfig` whose `model` is the `xgen_4b` preset (`param_dtype` float32 master
-# weights, bfloat16 compute), `batch_size` 512, `seq_len` 8192 and the multi-phase schedule of notebook 14. The
+# weights, bfloat16 compute), `batch_size` 512, `seq_len` 8192 and the multi-phase schedule of notebook 09. The
 # extension then runs with `xgen-small extend --recipe xgen`, and post-training with `xgen-small sft|dpo|rl`, each
 # starting from the previous stage's run directory. What we have not done is run any of this on a pod: these
 # numbers are the arithmetic of the code, not measurements.

@@ -31,7 +31,8 @@ class ScriptedDecoder(nnx.Module):
     "Continues each prompt of `script` ({prompt ids: reply ids}) with its reply; anything unknown gets `fallback`."
 
     def __init__(self, cfg: ModelConfig, script: dict[tuple, Sequence[int]], fallback: int):
-        if cfg.compute_jnp_dtype != jnp.float32: raise ValueError('token ids ride in the cache: use compute_dtype float32')
+        if cfg.compute_jnp_dtype != jnp.float32:
+            raise ValueError('token ids ride in the cache: use compute_dtype float32')
         self.cfg, w = cfg, _weights(cfg.max_seq_len)
         keys, values = [], []
         for prompt, reply in script.items():
@@ -40,14 +41,22 @@ class ScriptedDecoder(nnx.Module):
             keys += h[len(prompt) - 1:len(seq) - 1].tolist(); values += seq[len(prompt):]
         order = np.argsort(np.asarray(keys, np.uint32), kind='stable')
         k = np.asarray(keys, np.uint32)[order]
-        if len(np.unique(k)) != len(k): raise ValueError('two prefixes share a hash (or a prompt repeats): change the script')
-        self.keys, self.values = nnx.Variable(jnp.asarray(k)), nnx.Variable(jnp.asarray(np.asarray(values, np.int32)[order]))
+        if len(np.unique(k)) != len(k):
+            raise ValueError('two prefixes share a hash (or a prompt repeats): change the script')
+        self.keys, self.values = (
+            nnx.Variable(jnp.asarray(k)),
+            nnx.Variable(jnp.asarray(np.asarray(values, np.int32)[order])),
+        )
         self.w, self.fallback = nnx.Variable(jnp.asarray(w)), fallback
 
     def forward(self, tokens, positions, segment_ids, cache: KVCache, last_only: bool = False):
         B, T = tokens.shape
-        assert last_only or T == 1, 'the scripted decoder only decodes (prefill with last_only, then one token at a time)'
-        k = jax.lax.dynamic_update_slice(cache.k, tokens.astype(cache.k.dtype)[None, :, None, :, None], (0, 0, 0, cache.index, 0))
+        assert last_only or T == 1, (
+            'the scripted decoder only decodes (prefill with last_only, then one token at a time)'
+        )
+        k = jax.lax.dynamic_update_slice(
+            cache.k, tokens.astype(cache.k.dtype)[None, :, None, :, None], (0, 0, 0, cache.index, 0)
+        )
         seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index))
         pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, cache.index))
         cache = cache._replace(k=k, segment_ids=seg, positions=pos, index=cache.index + T)

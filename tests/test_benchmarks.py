@@ -24,7 +24,9 @@ def test_decode_benchmark_quick():
 
 def test_dedup_benchmark_quick():
     # a fresh interpreter: datatrove forks worker processes, which is unsafe once JAX's threads exist
-    r = subprocess.run([sys.executable, str(BENCH / 'dedup.py'), '--quick', '--json'], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / 'dedup.py'), '--quick', '--json'], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     rows = {row['system']: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
     ours, theirs = rows['ours, verified >= 0.7 (14x8)'], rows['datatrove, numbers kept']
@@ -44,25 +46,38 @@ def test_attention_benchmark_quick():
 
 def test_train_benchmark_quick():
     rows = _load('train').main(['--quick'])
-    assert rows and all(r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] <= 1 for r in rows)   # a fraction of the measured peak
+    assert rows and all(
+        r['ours'] > 0 and r['hf'] > 0 and 0 < r['mfu'] <= 1 for r in rows
+    )  # a fraction of the measured peak
 
 
 def test_tokenizer_benchmark_quick():
     rows = _load('tokenizer').main(['--quick'])
     ours = [r for r in rows if r['system'].startswith('ours')]
-    assert len(ours) == 2 and all(r['same_ids'] == 1.0 and r['round_trip'] == 1.0 for r in ours)   # the wrapper changes no ids
+    assert len(ours) == 2 and all(
+        r['same_ids'] == 1.0 and r['round_trip'] == 1.0 for r in ours
+    )  # the wrapper changes no ids
     assert all(r['mb_s'] > 0 for r in rows)
 
 
 def test_retrieval_probe_quick(tmp_path):
     mod = _load('retrieval_probe')
     out = mod.main(['--quick', '--data', 'recall', '--seq', '128', '--rows', '4', '--save', str(tmp_path / 'p')])
-    assert [r['step'] for r in out['log']] == [2, 4] and all(np.isfinite(r['loss']) and 0 <= r['answer_acc'] <= 1 for r in out['log'])
+    assert [r['step'] for r in out['log']] == [2, 4] and all(
+        np.isfinite(r['loss']) and 0 <= r['answer_acc'] <= 1 for r in out['log']
+    )
     assert set(out['passkey']) == {256, 512, 1024}
-    again = mod.main(['--quick', '--data', 'niah', '--rows', '2', '--init', str(tmp_path / 'p')])   # parameters round-trip
+    # parameters round-trip
+    again = mod.main(['--quick', '--data', 'niah', '--rows', '2', '--init', str(tmp_path / 'p')])
     assert len(again['log']) == 2
 
 
 def test_code_reward_benchmark_quick():
     rows = _load('code_reward').main(['--quick'])
     assert {r['sandbox'] for r in rows} == {'bwrap', 'none'} and all(r['right'] and r['rewards_s'] > 0 for r in rows)
+
+
+def test_prefill_benchmark_quick():
+    rows = _load('prefill').main(['--quick'])
+    assert all(r['same'] is True for r in rows)                       # chunks change the memory, not the answer
+    assert rows[-1]['chunked_gib'] < rows[-1]['one_pass_gib']

@@ -23,10 +23,18 @@ def shards(tmp_path_factory):
     "The sample shards, plus a hostile shard and a truncated gzip shard."
     d = tmp_path_factory.mktemp('in')
     hostile = d / 'hostile.jsonl.gz'
-    lines = [b'{"text": "no id, no domain"}', b'{"id": 7, "domain": "web", "text": 12}', b'\xff\xfe garbage',
-             b'{"id": "s", "domain": "web", "text": "lone \\ud800 surrogate"}', b'null', b'   ',
-             b'{"id": "dup-a", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. Compute 3 * 5. The product is 15. Answer: 15."}',
-             b'{"id": "dup-b", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. Compute 3 * 5. The product is 15. Answer: 15."}']
+    lines = [
+        b'{"text": "no id, no domain"}',
+        b'{"id": 7, "domain": "web", "text": 12}',
+        b'\xff\xfe garbage',
+        b'{"id": "s", "domain": "web", "text": "lone \\ud800 surrogate"}',
+        b'null',
+        b'   ',
+        b'{"id": "dup-a", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. '
+        b'Compute 3 * 5. The product is 15. Answer: 15."}',
+        b'{"id": "dup-b", "domain": "math", "text": "Problem 1. Compute 2 + 2. The sum is 4. Answer: 4. Problem 2. '
+        b'Compute 3 * 5. The product is 15. Answer: 15."}',
+    ]
     hostile.write_bytes(gzip.compress(b'\n'.join(lines) + b'\n'))
     full = gzip.compress(b'{"id": "t1", "domain": "web", "text": "x"}\n' * 2000)
     truncated = d / 'truncated.jsonl.gz'
@@ -55,8 +63,14 @@ def test_every_line_is_accounted_for(runs):
 def test_hostile_input_is_tagged_not_fatal(runs):
     ledger = [json.loads(l) for l in gzip.open(runs[0].out_dir / 'ledger.jsonl.gz', 'rt')]
     hostile = {e['line']: e for e in ledger if e['shard'] == 2}
-    assert [hostile[i]['reason'] for i in range(1, 7)] == ['input.unknown_domain', 'input.missing_text', 'input.invalid_utf8',
-                                                          'input.invalid_unicode', 'input.not_an_object', 'input.blank_line']
+    assert [hostile[i]['reason'] for i in range(1, 7)] == [
+        'input.unknown_domain',
+        'input.missing_text',
+        'input.invalid_utf8',
+        'input.invalid_unicode',
+        'input.not_an_object',
+        'input.blank_line',
+    ]
     assert {hostile[7]['reason'], hostile[8]['reason']} == {None, 'dedup.exact'}
     kept, dup = sorted((hostile[7], hostile[8]), key=lambda e: e['reason'] is not None)
     assert kept['reason'] is None and dup['reason'] == 'dedup.exact' and dup['duplicate_of'] == kept['id']
@@ -70,11 +84,28 @@ def test_result_does_not_depend_on_worker_count(runs):
 
 
 def test_cli_curate(shards, tmp_path):
-    r = subprocess.run(['xgen-small', 'curate', *map(str, shards[2:]), '--out', str(tmp_path / 'o'), '--quality-model', 'none',
-                        '--no-progress', '--default-domain', 'web'], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            'xgen-small',
+            'curate',
+            *map(str, shards[2:]),
+            '--out',
+            str(tmp_path / 'o'),
+            '--quality-model',
+            'none',
+            '--no-progress',
+            '--default-domain',
+            'web',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert 'dropped' in r.stdout and 'EOFError' in r.stderr
     s = json.loads((tmp_path / 'o' / 'summary.json').read_text())
     assert s['kept'] + s['dropped'] == s['lines']
-    r = subprocess.run(['xgen-small', 'curate', 'no/such/file.jsonl', '--out', str(tmp_path / 'p')], capture_output=True, text=True)
+    r = subprocess.run(
+        ['xgen-small', 'curate', 'no/such/file.jsonl', '--out', str(tmp_path / 'p')], capture_output=True, text=True
+    )
     assert r.returncode == 2 and 'not found' in r.stderr

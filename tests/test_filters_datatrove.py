@@ -18,8 +18,11 @@ def _theirs(f, text):
     return r is True
 
 
-@pytest.mark.parametrize('ours,theirs', [(gopher_quality, GopherQualityFilter()), (gopher_repetition, GopherRepetitionFilter())],
-                         ids=['quality', 'repetition'])
+@pytest.mark.parametrize(
+    'ours,theirs',
+    [(gopher_quality, GopherQualityFilter()), (gopher_repetition, GopherRepetitionFilter())],
+    ids=['quality', 'repetition'],
+)
 def test_gopher_decisions_agree_with_datatrove(ours, theirs):
     agree = [(ours(d['text']) is None) == _theirs(theirs, d['text']) for d in DOCS]
     rate = sum(agree) / len(agree)
@@ -32,5 +35,8 @@ def test_both_drop_the_same_planted_junk():
     for label in ('spam', 'list', 'fragment', 'repetitive'):
         docs = [d for d in DOCS if d['meta']['label'] == label]
         ours = sum(gopher_quality(d['text']) is not None or gopher_repetition(d['text']) is not None for d in docs)
-        theirs = sum(not (_theirs(GopherQualityFilter(), d['text']) and _theirs(GopherRepetitionFilter(), d['text'])) for d in docs)
+        theirs = sum(
+            not (_theirs(GopherQualityFilter(), d['text']) and _theirs(GopherRepetitionFilter(), d['text']))
+            for d in docs
+        )
         assert ours == theirs == len(docs), label

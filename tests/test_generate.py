@@ -1,8 +1,8 @@
 """Property tests for KV-cache generation: batching and caching never change a token."""
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
-
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xgen_small.config import get_preset
 from xgen_small.generate import Sampling, generate, generate_reference

@@ -1,13 +1,12 @@
 """Parity with `transformers`' Llama: same logits from the same weights, in both directions."""
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-import jax.numpy as jnp
 from flax import nnx
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from xgen_small.config import ModelConfig
 from xgen_small.hf import CheckpointError, load_hf_checkpoint, save_hf_checkpoint

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from xgen_small.data.curate import CurateConfig, curate
 from xgen_small.data.loader import Loader, LoaderConfig, build_token_store
@@ -16,13 +17,20 @@ from xgen_small.tokenizer import Tokenizer, train_tokenizer
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp('store')
     res = curate(sample_shards()[:1], d / 'c', CurateConfig(workers=1), quality_model=None, progress=False)
-    tok = Tokenizer(train_tokenizer([json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')], vocab_size=1024))
+    tok = Tokenizer(
+        train_tokenizer([json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')], vocab_size=1024)
+    )
     return build_token_store(res.kept_paths, tok, d / 's', plan=res.summary['mixture'])
 
 
-configs = st.builds(lambda L, B, split, seed, phase: LoaderConfig(seq_len=L, batch_size=B, split=split, seed=seed, phase=phase),
-                    st.integers(8, 300), st.integers(1, 4), st.sampled_from(['fill', 'boundary']), st.integers(0, 9),
-                    st.sampled_from([None, 'broad', 'anneal']))
+configs = st.builds(
+    lambda L, B, split, seed, phase: LoaderConfig(seq_len=L, batch_size=B, split=split, seed=seed, phase=phase),
+    st.integers(8, 300),
+    st.integers(1, 4),
+    st.sampled_from(['fill', 'boundary']),
+    st.integers(0, 9),
+    st.sampled_from([None, 'broad', 'anneal']),
+)
 many = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -43,7 +51,10 @@ def test_resume_is_exact(store, cfg, n, m):
 @given(cfg=configs, procs=st.integers(2, 4))
 def test_process_shares_are_disjoint_and_complete(store, cfg, procs):
     whole = Loader(store, cfg)._order(0)
-    parts = [Loader(store, LoaderConfig(**{**cfg.__dict__, 'process_index': p, 'process_count': procs}))._order(0) for p in range(procs)]
+    parts = [
+        Loader(store, LoaderConfig(**{**cfg.__dict__, 'process_index': p, 'process_count': procs}))._order(0)
+        for p in range(procs)
+    ]
     assert sorted(np.concatenate(parts).tolist()) == sorted(whole.tolist())
     assert [len(p) for p in parts] == [len(whole[i::procs]) for i in range(procs)]
 

@@ -37,7 +37,8 @@ def test_xgen_4b_training_step_lowers_with_auto(platform, T):
     text = _train_step_module(platform, T)
     chosen = resolve_impl('auto', T, PLATFORM[platform])
     kernel = {'splash': 'tpu_custom_call', 'flash': '__gpu$xla.gpu.triton', 'blockwise': None}[chosen]
-    if kernel: assert kernel in text, (platform, T, chosen)          # the real kernel, never its interpret-mode stand-in
+    if kernel:
+        assert kernel in text, (platform, T, chosen)  # the real kernel, never its interpret-mode stand-in
     else: assert 'tpu_custom_call' not in text and 'triton' not in text
 
 
@@ -48,12 +49,17 @@ def test_auto_chooses_an_implementation_that_lowers_at_every_length(platform):
         name = resolve_impl('auto', T, kind)
         assert kind in PLATFORMS[name]
         args = [jax.ShapeDtypeStruct((1, T, n, 64), jnp.bfloat16) for n in (4, 2, 2)]
-        _export(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, impl='auto').astype(jnp.float32)), argnums=(0, 1, 2)),
-                platform, *args)
+        _export(
+            jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v, impl='auto').astype(jnp.float32)), argnums=(0, 1, 2)),
+            platform,
+            *args,
+        )
 
 
-@pytest.mark.parametrize('impl,platform', [(i, p) for i in ('xla', 'blockwise', 'flash', 'splash') for p in ('tpu', 'cuda')
-                                           if PLATFORM[p] in PLATFORMS[i]])
+@pytest.mark.parametrize(
+    'impl,platform',
+    [(i, p) for i in ('xla', 'blockwise', 'flash', 'splash') for p in ('tpu', 'cuda') if PLATFORM[p] in PLATFORMS[i]],
+)
 def test_every_claimed_implementation_lowers_where_claimed(impl, platform):
     T = 512
     args = [jax.ShapeDtypeStruct((2, T, n, 128), jnp.bfloat16) for n in (8, 2, 2)]
@@ -79,5 +85,23 @@ def test_kv_cache_decoding_lowers(platform):
     B, P = 2, 200
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
     f = partial(_decode, graphdef, max_new_tokens=8)
-    _export(lambda state, t, s, p, key, stop: f(state, t, s, p, key, jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0), stop, ),
-            platform, state, i32(B, P), i32(B, P), i32(B, P), jax.ShapeDtypeStruct((), jax.random.key(0).dtype), i32(1))
+    _export(
+        lambda state, t, s, p, key, stop: f(
+            state,
+            t,
+            s,
+            p,
+            key,
+            jnp.float32(0.0),
+            jnp.int32(0),
+            jnp.float32(1.0),
+            stop,
+        ),
+        platform,
+        state,
+        i32(B, P),
+        i32(B, P),
+        i32(B, P),
+        jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+        i32(1),
+    )

@@ -3,14 +3,14 @@ through the real generator) scores 1.0 and an anti-oracle (the same, with a wron
 rendering, padding, decoding, stop tokens or answer extraction broke, these would fail (see tests/oracle.py)."""
 import numpy as np
 import pytest
-
 from oracle import ScriptedDecoder
+
 from xgen_small import ruler
 from xgen_small.config import get_preset
 from xgen_small.evaluate import evaluate_ruler
 from xgen_small.extend import recall_accuracy, recall_prompt
-from xgen_small.rl import arithmetic_tasks, code_tasks, task_rewards
-from xgen_small.sft import chat, instruction_set, instruction_tokenizer, reply_accuracy
+from xgen_small.posttrain import chat, reply_accuracy
+from xgen_small.tasks import arithmetic_tasks, code_tasks, instruction_set, instruction_tokenizer, task_rewards
 from xgen_small.tokenizer import END_TURN, render_chat
 
 
@@ -76,5 +76,5 @@ def test_verifiable_rewards_through_the_chat_path(tok):
     for texts, want in ((solutions, 1.0), (wrong, 0.0)):
         model = _decoder(tok, [(p, tok.encode(s) + [end]) for p, s in zip(prompts, texts)], end)
         replies = chat(model, tok, [t['prompt'] for t in tasks], 64)
-        assert replies == texts                                                          # the text survives the round trip
+        assert replies == texts  # the text survives the round trip
         assert task_rewards(tasks, replies) == [want] * len(tasks)

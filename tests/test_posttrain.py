@@ -1,30 +1,37 @@
 """Post-training from the command line and as properties: `xgen-small sft` -> `dpo` -> `rl`, each reading a JSON
 config file and starting from the previous stage's run; config and data errors; determinism of RL for a seed; and
-properties of the pure losses (hypothesis). The hand-checked values of each loss are in notebooks 22 and 23."""
+properties of the pure losses (hypothesis). The hand-checked values of each loss are in notebooks 24 and 25."""
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xgen_small.cli import main
 from xgen_small.data.sample import load_sample
 from xgen_small.dpo import dpo_loss
 from xgen_small.rl import group_advantages, grpo_loss
-from xgen_small.sft import instruction_set
+from xgen_small.tasks import instruction_set
 from xgen_small.tokenizer import Tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp('post')
-    texts = [x['text'] for x in load_sample()[:300]] + [m['content'] for c in instruction_set(300, seed=1) for m in c['messages']]
+    texts = [x['text'] for x in load_sample()[:300]] + [
+        m['content'] for c in instruction_set(300, seed=1) for m in c['messages']
+    ]
     Tokenizer(train_tokenizer(texts, 4096)).save(d / 'tok.model')
     (d / 'sft.json').write_text(json.dumps(dict(steps=3, batch_size=8, seq_len=128, warmup_steps=1)))
-    (d / 'dpo.json').write_text(json.dumps(dict(steps=2, batch_size=4, seq_len=64, warmup_steps=1, beta=0.2, sft_weight=0.5)))
-    (d / 'rl.json').write_text(json.dumps(dict(steps=2, batch_size=2, group_size=4, seq_len=48, max_new_tokens=8, warmup_steps=1)))
+    (d / 'dpo.json').write_text(
+        json.dumps(dict(steps=2, batch_size=4, seq_len=64, warmup_steps=1, beta=0.2, sft_weight=0.5))
+    )
+    (d / 'rl.json').write_text(
+        json.dumps(dict(steps=2, batch_size=2, group_size=4, seq_len=48, max_new_tokens=8, warmup_steps=1))
+    )
     return d
 
 
@@ -37,25 +44,74 @@ def test_sft_dpo_rl_chain(work, capsys):
     assert _cli(d, 'sft', '--init', 'tiny', '--config', str(d / 'sft.json'), '--n', '64', '--out', str(d / 'sft')) == 0
     assert 'sft: steps 1-3' in capsys.readouterr().out
     pairs = d / 'pairs.jsonl'
-    pairs.write_text('\n'.join(json.dumps(dict(prompt=[dict(role='user', content=f'What is {i} + 1?')],
-                                               chosen=f'The answer is {i + 1}.', rejected=f'The answer is {i}.')) for i in range(6)))
-    assert _cli(d, 'dpo', '--init', str(d / 'sft'), '--config', str(d / 'dpo.json'), '--data', str(pairs), '--out', str(d / 'dpo')) == 0
+    pairs.write_text(
+        '\n'.join(
+            json.dumps(
+                dict(
+                    prompt=[dict(role='user', content=f'What is {i} + 1?')],
+                    chosen=f'The answer is {i + 1}.',
+                    rejected=f'The answer is {i}.',
+                )
+            )
+            for i in range(6)
+        )
+    )
+    assert (
+        _cli(
+            d,
+            'dpo',
+            '--init',
+            str(d / 'sft'),
+            '--config',
+            str(d / 'dpo.json'),
+            '--data',
+            str(pairs),
+            '--out',
+            str(d / 'dpo'),
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert 'dpo: steps 1-2' in out and 'reward_accuracy' in out
     tasks = d / 'tasks.jsonl'
-    tasks.write_text('\n'.join([json.dumps(dict(kind='math', prompt=[dict(role='user', content='What is 2 + 2?')], answer='4')),
-                                json.dumps(dict(kind='code', prompt=[dict(role='user', content='Write `f(x)` returning x.')],
-                                                tests=['f(1) == 1']))]))
+    tasks.write_text(
+        '\n'.join(
+            [
+                json.dumps(dict(kind='math', prompt=[dict(role='user', content='What is 2 + 2?')], answer='4')),
+                json.dumps(
+                    dict(
+                        kind='code',
+                        prompt=[dict(role='user', content='Write `f(x)` returning x.')],
+                        tests=['f(1) == 1'],
+                    )
+                ),
+            ]
+        )
+    )
     assert _cli(d, 'rl', '--init', str(d / 'dpo'), '--ref', str(d / 'sft'), '--config', str(d / 'rl.json'),
                 '--data', str(tasks), '--out', str(d / 'rl')) == 0
     assert 'rl: steps 1-2' in capsys.readouterr().out
-    from xgen_small.evaluate import load_run
+    from xgen_small.checkpoint import load_run
     _, saved = load_run(d / 'rl')
     assert saved['stage'] == 'rl' and saved['rl']['group_size'] == 4
     hist = [json.loads(l) for l in (d / 'rl' / 'history.jsonl').read_text().splitlines()]
     assert [h['step'] for h in hist] == [1, 2] and all(0 <= h['reward'] <= 1 for h in hist)
     # a finished run is not trained again
-    assert _cli(d, 'rl', '--init', str(d / 'dpo'), '--config', str(d / 'rl.json'), '--data', str(tasks), '--out', str(d / 'rl')) == 0
+    assert (
+        _cli(
+            d,
+            'rl',
+            '--init',
+            str(d / 'dpo'),
+            '--config',
+            str(d / 'rl.json'),
+            '--data',
+            str(tasks),
+            '--out',
+            str(d / 'rl'),
+        )
+        == 0
+    )
     assert 'nothing to do' in capsys.readouterr().out
 
 
@@ -71,10 +127,38 @@ def test_errors_are_clear(work, capsys):
     assert _cli(d, 'rl', '--init', 'tiny', '--config', str(d / 'rl_bad.json'), '--out', str(d / 'x')) == 2
     assert 'group_size must be at least 2' in capsys.readouterr().err
     (d / 'broken.jsonl').write_text('{"messages": []}\nnot json\n')
-    assert _cli(d, 'sft', '--init', 'tiny', '--config', str(d / 'sft.json'), '--data', str(d / 'broken.jsonl'), '--out', str(d / 'x')) == 2
+    assert (
+        _cli(
+            d,
+            'sft',
+            '--init',
+            'tiny',
+            '--config',
+            str(d / 'sft.json'),
+            '--data',
+            str(d / 'broken.jsonl'),
+            '--out',
+            str(d / 'x'),
+        )
+        == 2
+    )
     assert 'broken.jsonl line 2: not JSON' in capsys.readouterr().err
     (d / 'kinds.jsonl').write_text(json.dumps(dict(kind='essay', prompt=[dict(role='user', content='hi')])))
-    assert _cli(d, 'rl', '--init', 'tiny', '--config', str(d / 'rl.json'), '--data', str(d / 'kinds.jsonl'), '--out', str(d / 'y')) == 2
+    assert (
+        _cli(
+            d,
+            'rl',
+            '--init',
+            'tiny',
+            '--config',
+            str(d / 'rl.json'),
+            '--data',
+            str(d / 'kinds.jsonl'),
+            '--out',
+            str(d / 'y'),
+        )
+        == 2
+    )
     assert "unknown task kind 'essay'" in capsys.readouterr().err
     assert _cli(d, 'sft', '--init', str(d / 'missing'), '--out', str(d / 'x')) == 2
     assert 'no checkpoints in' in capsys.readouterr().err
@@ -82,8 +166,9 @@ def test_errors_are_clear(work, capsys):
 
 def test_rl_is_deterministic_for_a_seed(work, tmp_path):
     from xgen_small.config import get_preset
-    from xgen_small.rl import RLConfig, arithmetic_tasks, rl
-    from xgen_small.sft import random_params
+    from xgen_small.posttrain import random_params
+    from xgen_small.rl import RLConfig, rl
+    from xgen_small.tasks import arithmetic_tasks
     tok = Tokenizer(work / 'tok.model')
     mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=64)
     p0, tasks = random_params(mcfg, 1), arithmetic_tasks(8)
@@ -94,16 +179,19 @@ def test_rl_is_deterministic_for_a_seed(work, tmp_path):
     b = rl(p0, mcfg, tok, tasks, cfg, tmp_path / 'b', progress=False)                 # ... and resumed
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)): np.testing.assert_array_equal(x, y)
     assert [h['sample'] for h in a.history[2:]] == [h['sample'] for h in b.history]
-    assert a.history[0]['ratio'] == pytest.approx(1.0, abs=1e-5)                       # first update: at the sampling policy
-    assert a.history[1]['ratio'] != pytest.approx(1.0, abs=1e-5)                       # second: same samples, moved policy
+    assert a.history[0]['ratio'] == pytest.approx(1.0, abs=1e-5)  # first update: at the sampling policy
+    assert a.history[1]['ratio'] != pytest.approx(1.0, abs=1e-5)  # second: same samples, moved policy
 
 
 floats = st.floats(-20, 20, allow_nan=False, width=32)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=2, max_size=6), min_size=1, max_size=4).filter(
-    lambda g: len({len(r) for r in g}) == 1))       # rewards as they come: fractions of tests passed
+@given(
+    st.lists(
+        st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]), min_size=2, max_size=6), min_size=1, max_size=4
+    ).filter(lambda g: len({len(r) for r in g}) == 1)
+)  # rewards as they come: fractions of tests passed
 def test_group_advantages_are_centred_and_scale_free(groups):
     a = group_advantages(groups)
     np.testing.assert_allclose(a.mean(axis=1), 0, atol=1e-5)

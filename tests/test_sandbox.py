@@ -1,4 +1,4 @@
-"""A hostile battery for the code reward (notebook 23): completions written to forge a reward, read what they must not,
+"""A hostile battery for the code reward (notebook 21): completions written to forge a reward, read what they must not,
 damage the host or outlive their sandbox. Each must score 0 (or exactly its honest share) and leave no trace."""
 import json
 import os
@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from xgen_small import rl
-from xgen_small.rl import SandboxUnavailable, code_reward, run_tests, sandbox_mode
+from xgen_small import tasks
+from xgen_small.tasks import SandboxUnavailable, code_reward, run_tests, sandbox_mode
 
 TESTS = ['add_k(1) == 4', 'add_k(-3) == 0', 'add_k(10) == 13']
 GOOD = 'def add_k(x):\n    return x + 3\n'
@@ -19,7 +19,7 @@ GOOD = 'def add_k(x):\n    return x + 3\n'
 
 def run(code, tests, timeout=5.0):
     # never run this battery outside the sandbox: unsandboxed, as root, it deletes and kills what it aims at
-    if rl.sandbox_mode() != 'bwrap': pytest.fail('the hostile battery runs only inside bubblewrap')
+    if tasks.sandbox_mode() != 'bwrap': pytest.fail('the hostile battery runs only inside bubblewrap')
     return run_tests(code, tests, timeout=timeout)
 
 
@@ -41,13 +41,16 @@ def test_the_sandbox_is_bubblewrap_here():
 
 # -- forging the verdict ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('code', [
-    'print(\'{"passed": 49}\')',                                                          # the old harness' format
-    'print(\'{"values": ["true", "true", "true"]}\', flush=True); import os; os._exit(0)',  # a line of guesses
-    'import sys, os\nprint(\'{"values": ["4", "0"]}\', flush=True); os._exit(0)',             # the wrong length
-    'print("[" * 200000, flush=True); import os; os._exit(0)',                             # a parser bomb for the parent
-    'import sys\nsys.stdout.close()\ndef add_k(x): return -1',                             # silence the real result
-])
+@pytest.mark.parametrize(
+    'code',
+    [
+        'print(\'{"passed": 49}\')',  # the old harness' format
+        'print(\'{"values": ["true", "true", "true"]}\', flush=True); import os; os._exit(0)',  # a line of guesses
+        'import sys, os\nprint(\'{"values": ["4", "0"]}\', flush=True); os._exit(0)',  # the wrong length
+        'print("[" * 200000, flush=True); import os; os._exit(0)',  # a parser bomb for the parent
+        'import sys\nsys.stdout.close()\ndef add_k(x): return -1',  # silence the real result
+    ],
+)
 def test_forged_results_earn_nothing(code):
     assert reward(code) == 0.0
 
@@ -64,13 +67,13 @@ def test_the_sandbox_never_sees_the_expected_values(monkeypatch):
             'seen += repr([o for o in gc.get_objects() if isinstance(o, (dict, list, str))][:20000])\n'
             'def leak(): return seen\n')
     secret = 'secret-' + uuid.uuid4().hex
-    seen, harness = [], rl._run_harness
+    seen, harness = [], tasks._run_harness
 
     def spy(argv, job, timeout):
         status, values = harness(argv, job, timeout)
         seen.append((argv, job, values))
         return status, values
-    monkeypatch.setattr(rl, '_run_harness', spy)
+    monkeypatch.setattr(tasks, '_run_harness', spy)
     r = run(code, [{'expr': 'leak()', 'expected': secret}], timeout=5)
     (argv, job, values), = seen
     assert r['passed'] == 0 and 'leak()' in json.loads(values[0])      # the child read its own job...
@@ -172,8 +175,11 @@ def test_network_is_unreachable():
 @pytest.mark.parametrize('tail', ['', 'while True: pass'])
 def test_nothing_outlives_the_sandbox(tail):
     marker = f'{60 + int(uuid.uuid4().int % 1000) / 1000:.3f}'
-    code = (f'import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0: os.execv("/bin/sleep", ["sleep", "{marker}"])\n'
-            f'    os._exit(0)\n{GOOD}{tail}\n')
+    code = (
+        'import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0: os.execv("/bin/sleep", ["sleep", '
+        f'"{marker}"])\n'
+        f'    os._exit(0)\n{GOOD}{tail}\n'
+    )
     expected = 1.0 if not tail else 0.0                # exits normally (honest share) or is killed at the timeout
     assert reward(code, timeout=1.5 if tail else 10.0) == expected
     time.sleep(0.2)
@@ -217,14 +223,15 @@ def test_kill_everything_in_reach():
 # -- refusing to run without a sandbox -------------------------------------------------------------------------------
 
 def test_refuses_without_a_sandbox(monkeypatch):
-    monkeypatch.setattr(rl, '_probe_bwrap', lambda: 'user namespaces are disabled (simulated)')
-    monkeypatch.delenv(rl.SANDBOX_ENV, raising=False)
+    monkeypatch.setattr(tasks, '_probe_bwrap', lambda: 'user namespaces are disabled (simulated)')
+    monkeypatch.delenv(tasks.SANDBOX_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match='XGEN_SMALL_SANDBOX=none'):
         code_reward(GOOD, TESTS)
     with pytest.raises(SandboxUnavailable):
-        rl.task_rewards([dict(kind='code', prompt=[], tests=TESTS)], [GOOD])
-    assert rl.task_rewards([dict(kind='math', prompt=[], answer='4')], ['The answer is 4.']) == [1.0]  # math needs none
-    monkeypatch.setenv(rl.SANDBOX_ENV, 'none')                 # the explicit, unsafe opt-in
+        tasks.task_rewards([dict(kind='code', prompt=[], tests=TESTS)], [GOOD])
+    # math needs none
+    assert tasks.task_rewards([dict(kind='math', prompt=[], answer='4')], ['The answer is 4.']) == [1.0]
+    monkeypatch.setenv(tasks.SANDBOX_ENV, 'none')                 # the explicit, unsafe opt-in
     assert code_reward(GOOD, TESTS) == 1.0 and code_reward('print(\'{"passed": 3}\')', TESTS) == 0.0
     with pytest.raises(ValueError, match='sandbox must be one of'):
         code_reward(GOOD, TESTS, sandbox='chroot')

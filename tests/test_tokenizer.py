@@ -1,6 +1,7 @@
 """Property tests: the tokenizer and the chat template are lossless for any Unicode text."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xgen_small.data.sample import load_sample
 from xgen_small.tokenizer import MARKERS, ROLES, Tokenizer, parse_chat, render_chat, train_tokenizer
@@ -9,8 +10,12 @@ TOK = Tokenizer(train_tokenizer([d['text'] for d in load_sample()[:400]], vocab_
 
 # all of Unicode except surrogates (not valid in UTF-8): letters, CJK, emoji, controls, combining marks, U+2581
 texts = st.text(alphabet=st.characters(blacklist_categories=('Cs',)), max_size=300)
-spiky = st.lists(st.sampled_from(['\u2581', ' ', '\n', '\t', '\x00', '😀', '中文', 'é', 'e\u0301', '<think>', '<|user|>', '12345', 'word']),
-                 max_size=40).map(''.join)
+spiky = st.lists(
+    st.sampled_from(
+        ['\u2581', ' ', '\n', '\t', '\x00', '😀', '中文', 'é', 'e\u0301', '<think>', '<|user|>', '12345', 'word']
+    ),
+    max_size=40,
+).map(''.join)
 
 
 @settings(max_examples=400, deadline=None)

@@ -2,10 +2,8 @@
 resumption across processes is exact, a killed run leaves a readable checkpoint, the CLI works."""
 import gzip
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -14,20 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from xgen_small.checkpoint import Checkpointer
 from xgen_small.data.curate import CurateConfig, curate
 from xgen_small.data.loader import Loader, LoaderConfig, build_token_store
 from xgen_small.data.sample import sample_shards
 from xgen_small.schedules import default_schedule
 from xgen_small.sharding import MeshConfig, logical_spec, make_mesh
 from xgen_small.tokenizer import Tokenizer, train_tokenizer
-from xgen_small.train import Checkpointer, TrainConfig, Trainer
+from xgen_small.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope='module')
 def store(tmp_path_factory):
     d = tmp_path_factory.mktemp('data')
     res = curate(sample_shards()[:2], d / 'c', CurateConfig(workers=1), quality_model=None, progress=False)
-    tok = Tokenizer(train_tokenizer([json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')], vocab_size=4096))
+    tok = Tokenizer(
+        train_tokenizer([json.loads(l)['text'] for p in res.kept_paths for l in gzip.open(p, 'rt')], vocab_size=4096)
+    )
     return build_token_store(res.kept_paths, tok, d / 's', plan=res.summary['mixture'])
 
 
@@ -124,8 +125,10 @@ def test_killed_run_leaves_a_readable_checkpoint(store, tmp_path):
     # and the run picks up from there, with the losses an uninterrupted run has at the same steps
     _pretrain(store, tmp_path / 'run', '--set', 'schedule.0.steps=400', steps=step + 2, check=True)
     _pretrain(store, tmp_path / 'straight', '--set', 'schedule.0.steps=400', steps=step + 2, check=True)
-    resumed, straight = ({h['step']: h['loss'] for h in map(json.loads, (tmp_path / d / 'history.jsonl').read_text().splitlines())}
-                         for d in ('run', 'straight'))
+    resumed, straight = (
+        {h['step']: h['loss'] for h in map(json.loads, (tmp_path / d / 'history.jsonl').read_text().splitlines())}
+        for d in ('run', 'straight')
+    )
     after = sorted(s for s in resumed if s > step)
     assert after and after[-1] == step + 2 and [resumed[s] for s in after] == [straight[s] for s in after]
 
@@ -147,7 +150,50 @@ def test_pretraining_crosses_the_anneal_boundary(store, tmp_path):
 
 
 def test_cli_reports_divergence_and_bad_overrides(store, tmp_path):
-    r = _pretrain(store, tmp_path / 'bad', '--set', 'schedule.0.peak_lr=1e6', '--set', 'schedule.0.warmup_steps=0', steps=20, check=False)
+    r = _pretrain(
+        store,
+        tmp_path / 'bad',
+        '--set',
+        'schedule.0.peak_lr=1e6',
+        '--set',
+        'schedule.0.warmup_steps=0',
+        steps=20,
+        check=False,
+    )
     assert r.returncode == 3 and 'loss is nan' in r.stderr
     r = _pretrain(store, tmp_path / 'typo', '--set', 'model.widht=3', check=False)
     assert r.returncode == 2 and "no config field 'model.widht'" in r.stderr
+
+
+def test_a_stage_loss_trains_the_same_with_its_length_sharded(tmp_path):
+    """Post-training's path through the one loop (generated batches, the stage's own loss, metrics returned beside the
+    batch) with rows over `data` only, and with rows over `fsdp` and the length over a 4-way `sequence` ring
+    (zigzag-balanced): the same losses, step for step."""
+    from xgen_small.posttrain import padded_rows
+    from xgen_small.schedules import LRPhase
+    from xgen_small.train import GeneratedBatches, fit
+
+    rng = np.random.default_rng(0)
+    seqs = [(rng.integers(5, 4000, int(n)).tolist(), [0] * 8 + [1] * (int(n) - 8)) for n in rng.integers(20, 64, 8)]
+    rows = padded_rows(seqs, 64)
+
+    def batches(step, state, trainer):
+        return rows, dict(rows_seen=float((step + 1) * len(seqs)))
+
+    def loss_fn(model, b):
+        logits = model(b['inputs'], b['positions'], b['segment_ids']).astype(jnp.float32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), b['targets'][..., None], -1)[..., 0]
+        per_row = (lp * b['loss_mask']).sum(-1) / b['loss_mask'].sum(-1)
+        return -per_row.mean(), dict(mean_logp=per_row.mean())
+
+    losses = {}
+    for name, mesh, impl in (('rows', MeshConfig(data=8, fsdp=1), 'auto'),
+                             ('rows+length', MeshConfig(fsdp=2, sequence=4), 'seq_ring')):
+        cfg = TrainConfig(model=TrainConfig().model.replace(attention_impl=impl), mesh=mesh, seq_len=64, batch_size=8,
+                          schedule=(LRPhase('sft', 3, 1e-3),), weight_decay=0.0)
+        r = fit(cfg, GeneratedBatches(batches), tmp_path / name, stage='sft', loss_fn=loss_fn, progress=False)
+        assert [h['rows_seen'] for h in r.history] == [8.0, 16.0, 24.0]        # the batch function's own metrics
+        assert all('mean_logp' in h and 'grad_norm' in h for h in r.history)   # and the loss's
+        losses[name] = [h['loss'] for h in r.history]
+    np.testing.assert_allclose(losses['rows+length'], losses['rows'], rtol=1e-5)
+    assert losses['rows'][-1] < losses['rows'][0]

@@ -3,10 +3,11 @@
     python tools/nbtool.py sync [NB...]      # .py (percent) -> .ipynb, keeping outputs (jupytext --sync)
     python tools/nbtool.py run NB...         # execute notebooks in place (outputs of a CPU run), then clean
     python tools/nbtool.py check-pairs       # fail when an .ipynb and its .py disagree (CI)
+    python tools/nbtool.py toc [--check]     # the notebook table in nbs/index.py and mkdocs.yml's nav, from the numbers
     python tools/nbtool.py readme [--check]  # README.md from nbs/index.ipynb (quarto-free nbdev_readme)
     python tools/nbtool.py command main|test # print one of README's two commands (CI runs the test one)
     python tools/nbtool.py docs              # the documentation site in docs/ (mkdocs; pip install -e ".[docs]")
-    python tools/nbtool.py slow [--no-benchmarks]   # the slow suite: nbdev_test --flags slow, then every benchmark's full run
+    python tools/nbtool.py slow [--no-benchmarks]   # the slow suite: nbdev_test --flags slow, then every benchmark
 
 Notebooks are executed with 8 host CPU devices, as in CI, so multi-device examples show real meshes.
 """
@@ -90,11 +91,93 @@ def readme_text() -> str:
             + '\n\n'.join(parts) + '\n')
 
 
+# Reading order is the notebooks' numbers; these ranges name the parts of the docs navigation and the README table.
+SECTIONS = ((0, 9, 'Configs and data'), (10, 16, 'Model'), (17, 18, 'Training'), (19, 20, 'Long context'),
+            (21, 29, 'Post-training'), (30, 99, 'Evaluation and the whole run'))
+
+
+def notebook_index() -> list[dict]:
+    "Every numbered notebook: number, stem, title (its H1), summary (its `>` line) and module (its default_exp)."
+    out = []
+    for p in sorted(NBS.glob('[0-9][0-9]_*.py')):
+        text = p.read_text()
+        title = re.search(r'^# # (.+)$', text, re.M)
+        summary = re.search(r'^# > (.+)$', text, re.M)
+        module = re.search(r'^#\|\s*default_exp\s+(\S+)', text, re.M)
+        if not (title and summary and module):
+            raise SystemExit(f'{p.name}: needs an H1 title, a > summary and a default_exp')
+        out.append(
+            dict(
+                number=int(p.name[:2]),
+                stem=p.stem,
+                title=title.group(1).strip(),
+                summary=summary.group(1).strip(),
+                module=module.group(1),
+            )
+        )
+    return out
+
+
+def _section(n: int) -> str:
+    return next(name for lo, hi, name in SECTIONS if lo <= n <= hi)
+
+
+def toc_markdown() -> list[str]:
+    lines, current = [], None
+    for nb in notebook_index():
+        if _section(nb['number']) != current:
+            current = _section(nb['number'])
+            lines += ([''] if lines else []) + [
+                f'**{current}**',
+                '',
+                '| notebook | module | what it holds |',
+                '|---|---|---|',
+            ]
+        lines.append(f"| [{nb['stem']}](nbs/{nb['stem']}.ipynb) | `{nb['module']}` | {nb['summary']} |")
+    return lines
+
+
+def toc_nav() -> list[str]:
+    lines, current = ['nav:', '  - Home: index.ipynb'], None
+    for nb in notebook_index():
+        if _section(nb['number']) != current:
+            current = _section(nb['number']); lines.append(f'  - {current}:')
+        lines.append(f"      - \"{nb['number']:02d} {nb['title']}\": {nb['stem']}.ipynb")
+    return lines
+
+
+def _replace_between(text: str, start: str, end: str, body: list[str], prefix: str = '') -> str:
+    i, j = text.index(start), text.index(end)
+    return text[:i + len(start)] + '\n' + ''.join(f'{prefix}{l}'.rstrip() + '\n' for l in body) + text[j:]
+
+
+def toc(check: bool) -> int:
+    "Write (or, with `check`, compare) the notebook table of nbs/index.py and the nav of mkdocs.yml."
+    targets = [(NBS / 'index.py', '# <!-- notebooks:start -->', '# <!-- notebooks:end -->', toc_markdown(), '# '),
+               (ROOT / 'mkdocs.yml', '# nav:start', '# nav:end', toc_nav(), '')]
+    stale = []
+    for path, start, end, body, prefix in targets:
+        old = path.read_text(); new = _replace_between(old, start, end, body, prefix)
+        if new != old:
+            stale.append(path.name)
+            if not check: path.write_text(new)
+    if check and stale:
+        print(
+            f'not generated from the notebook numbers: {stale} (run: python tools/nbtool.py toc, then sync)',
+            file=sys.stderr,
+        )
+        return 1
+    print('toc: ' + ('up to date' if not stale else f'wrote {stale}'))
+    return 0
+
+
 def readme(check: bool) -> int:
     path, new = ROOT / 'README.md', readme_text()
     if check:
         if not path.exists() or path.read_text() != new:
-            print('README.md is not up to date with nbs/index.ipynb (run: python tools/nbtool.py readme)', file=sys.stderr)
+            print(
+                'README.md is not up to date with nbs/index.ipynb (run: python tools/nbtool.py readme)', file=sys.stderr
+            )
             return 1
         print('README.md matches nbs/index.ipynb'); return 0
     path.write_text(new); print('wrote README.md'); return 0
@@ -118,7 +201,10 @@ def slow(benchmarks: bool = True) -> int:
     import time
     env = dict(os.environ, XLA_FLAGS=XLA_FLAGS)
     steps = [('nbdev_test --flags slow', ['nbdev_test', '--flags', 'slow', '--timing'])]
-    if benchmarks: steps += [(f'benchmarks/{b}.py', [sys.executable, str(ROOT / 'benchmarks' / f'{b}.py')]) for b in SLOW_BENCHMARKS]
+    if benchmarks:
+        steps += [
+            (f'benchmarks/{b}.py', [sys.executable, str(ROOT / 'benchmarks' / f'{b}.py')]) for b in SLOW_BENCHMARKS
+        ]
     results = []
     for name, cmd in steps:
         print(f'== {name}', flush=True)
@@ -155,8 +241,18 @@ def docs_sources() -> Path:
 
 def docs() -> int:
     docs_sources()
-    return subprocess.call([sys.executable, '-m', 'mkdocs', 'build', '--strict' if '--strict' in sys.argv else '--clean',
-                            '-f', str(ROOT / 'mkdocs.yml')], cwd=ROOT)
+    return subprocess.call(
+        [
+            sys.executable,
+            '-m',
+            'mkdocs',
+            'build',
+            '--strict' if '--strict' in sys.argv else '--clean',
+            '-f',
+            str(ROOT / 'mkdocs.yml'),
+        ],
+        cwd=ROOT,
+    )
 
 
 def main(argv=None):
@@ -165,6 +261,7 @@ def main(argv=None):
     sub.add_parser('check-pairs')
     s = sub.add_parser('sync'); s.add_argument('names', nargs='*')
     r = sub.add_parser('run'); r.add_argument('names', nargs='*')
+    t = sub.add_parser('toc'); t.add_argument('--check', action='store_true')
     m = sub.add_parser('readme'); m.add_argument('--check', action='store_true')
     c = sub.add_parser('command'); c.add_argument('which', choices=['main', 'test'])
     sub.add_parser('docs')
@@ -173,6 +270,7 @@ def main(argv=None):
     if a.cmd == 'check-pairs': return check_pairs()
     if a.cmd == 'sync': return sync(a.names)
     if a.cmd == 'run': return run(a.names)
+    if a.cmd == 'toc': return toc(a.check)
     if a.cmd == 'readme': return readme(a.check)
     if a.cmd == 'command': print(command(a.which)); return 0
     if a.cmd == 'docs': return docs()

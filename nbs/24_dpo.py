@@ -15,9 +15,9 @@
 # %% [markdown]
 # # Preference learning: DPO and IPO
 #
-# > Direct preference optimisation from (prompt, chosen, rejected) pairs against a frozen reference whose log-probabilities are computed once; the sigmoid loss with label smoothing and the IPO loss as pure functions checked by hand; pairs from a rule or from the model's own samples ranked by a reward.
+# > Preference learning: DPO and IPO losses checked by hand, against a reference scored once, plus an NLL term.
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/22_dpo.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/24_dpo.ipynb)
 
 # %%
 #| default_exp dpo
@@ -62,7 +62,6 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -72,8 +71,9 @@ import numpy as np
 
 from xgen_small.config import ConfigError, ModelConfig
 from xgen_small.generate import Sampling, generate
-from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import PostConfig, PostResult, arithmetic_problem, draw_in_split, epoch_indices, padded_rows, post_train
+from xgen_small.model import Decoder, model_with_params, token_logps
+from xgen_small.posttrain import PostConfig, PostResult, epoch_indices, padded_rows, post_train
+from xgen_small.tasks import arithmetic_problem, draw_in_split
 from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %% [markdown]
@@ -87,13 +87,8 @@ from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
 
 # %%
 #| export
-def token_logps(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    "`[batch, length]` log-probability of each target token, in float32."
-    logits = logits.astype(jnp.float32)
-    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
-
 def sequence_logps(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    "`[batch]` summed log-probability of the masked target tokens (the answer's log-likelihood)."
+    "`[batch]` summed log-probability of the masked target tokens: the answer's log-likelihood (from `token_logps`)."
     return jnp.sum(token_logps(logits, targets) * mask, axis=-1)
 
 LOSSES = ('sigmoid', 'ipo')
@@ -109,8 +104,12 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     else:                      # Azar et al. 2023, eq. 17: regress h onto 1/(2 beta)
         losses = (h - 1 / (2 * beta)) ** 2
     r_c, r_r = beta * chosen, beta * rejected
-    return jnp.mean(losses), dict(reward_chosen=jnp.mean(r_c), reward_rejected=jnp.mean(r_r),
-                                  reward_margin=jnp.mean(r_c - r_r), reward_accuracy=jnp.mean((r_c > r_r).astype(jnp.float32)))
+    return jnp.mean(losses), dict(
+        reward_chosen=jnp.mean(r_c),
+        reward_rejected=jnp.mean(r_r),
+        reward_margin=jnp.mean(r_c - r_r),
+        reward_accuracy=jnp.mean((r_c > r_r).astype(jnp.float32)),
+    )
 
 # %% [markdown]
 # Checked against values worked out by hand. With policy log-probs $(-1, -2)$ for (chosen, rejected), reference
@@ -149,7 +148,9 @@ test_fail(lambda: dpo_loss(*args, kind='kto'), contains='kind must be one of')
 
 # %%
 #| export
-def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-', split: str | None = 'train') -> list[dict]:
+def arithmetic_pairs(
+    n: int, seed: int = 0, max_operand: int = 10, ops: str = '+-', split: str | None = 'train'
+) -> list[dict]:
     """`n` pairs: an arithmetic question (from `split`, notebook 21's hash split), the worked correct answer, and the
     same working with a wrong result."""
     out = []
@@ -157,8 +158,19 @@ def arithmetic_pairs(n: int, seed: int = 0, max_operand: int = 10, ops: str = '+
         rng = np.random.default_rng([seed, i])
         p = draw_in_split(lambda r: arithmetic_problem(r, max_operand, ops), rng, split, 'arithmetic_pairs')
         wrong = int(p['answer']) + int(rng.choice([-2, -1, 1, 2]))
-        bad = p['solution'].replace(f"= {p['answer']}.", f'= {wrong}.').replace(f"answer is {p['answer']}.", f'answer is {wrong}.')
-        out.append(dict(prompt=[dict(role='user', content=p['question'])], chosen=p['solution'], rejected=bad, answer=p['answer']))
+        bad = (
+            p['solution']
+            .replace(f"= {p['answer']}.", f'= {wrong}.')
+            .replace(f"answer is {p['answer']}.", f'answer is {wrong}.')
+        )
+        out.append(
+            dict(
+                prompt=[dict(role='user', content=p['question'])],
+                chosen=p['solution'],
+                rejected=bad,
+                answer=p['answer'],
+            )
+        )
     return out
 
 def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward: Callable[[str, dict], float],
@@ -180,7 +192,7 @@ def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward:
 # %%
 pairs = arithmetic_pairs(3, seed=0)
 for p in pairs: print(p['prompt'][0]['content'], '| chosen:', p['chosen'], '| rejected:', p['rejected'])
-from xgen_small.sft import math_reward
+from xgen_small.tasks import math_reward
 many = arithmetic_pairs(100)                               # the chosen answer is right, the rejected one wrong
 test_eq([(math_reward(p['chosen'], str(p['answer'])), math_reward(p['rejected'], str(p['answer']))) for p in many], [(1.0, 0.0)] * 100)
 for p in arithmetic_pairs(50, seed=1):
@@ -208,7 +220,9 @@ def pair_rows(tok: Tokenizer, pairs: Sequence[dict], seq_len: int) -> dict:
 
 @jax.jit
 def _row_logps(model, rows):
-    return sequence_logps(model(rows['inputs'], rows['positions'], rows['segment_ids']), rows['targets'], rows['loss_mask'])
+    return sequence_logps(
+        model(rows['inputs'], rows['positions'], rows['segment_ids']), rows['targets'], rows['loss_mask']
+    )
 
 def reference_logps(model: Decoder, rows: dict, batch_size: int = 32) -> np.ndarray:
     "Summed reply log-probability of every row under `model` (float32, `[rows]`)."
@@ -245,7 +259,8 @@ class DPOConfig(PostConfig):
         super().__post_init__()
         if self.loss not in LOSSES: raise ConfigError(f"DPOConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if not self.beta > 0: raise ConfigError(f"DPOConfig.beta must be positive, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5: raise ConfigError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"DPOConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0: raise ConfigError(f"DPOConfig.sft_weight must be >= 0, got {self.sft_weight}")
 
 def dpo(params: dict, model_cfg: ModelConfig, tok: Tokenizer, pairs: Sequence[dict], cfg: DPOConfig, out_dir, *,
@@ -280,7 +295,9 @@ def dpo(params: dict, model_cfg: ModelConfig, tok: Tokenizer, pairs: Sequence[di
 import tempfile, time
 from pathlib import Path
 from xgen_small.config import get_preset
-from xgen_small.sft import SFTConfig, chat, instruction_set, math_reward, random_params, instruction_tokenizer, sft
+from xgen_small.posttrain import chat, random_params
+from xgen_small.sft import SFTConfig, sft
+from xgen_small.tasks import instruction_set, instruction_tokenizer, math_reward
 tok = instruction_tokenizer()
 mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=128)
 work = Path(tempfile.mkdtemp())
@@ -308,7 +325,7 @@ test_fail(lambda: dpo(p0, mcfg, tok, [], small, work / 'none'), contains='at lea
 # ## DPO on the tiny model
 #
 # Preference learning needs a model that already answers, so we first fine-tune the tiny model (randomly
-# initialised, as in notebook 21) on the math conversations of notebook 21's instruction set. Half of those replies
+# initialised, as in notebook 23) on the math conversations of notebook 21's instruction set. Half of those replies
 # end with `The answer is N.` and half stop after the working, so the fine-tuned model states an answer only some
 # of the time, and not always the right one. The rule-made pairs prefer the worked, stated, correct answer to a
 # near miss. We measure greedy accuracy with `math_reward` on the 35 held-out questions (the 'test' side of notebook
@@ -318,7 +335,7 @@ test_fail(lambda: dpo(p0, mcfg, tok, [], small, work / 'none'), contains='at lea
 
 # %%
 #| slow
-from xgen_small.sft import every_arithmetic_problem, split_of
+from xgen_small.tasks import every_arithmetic_problem, split_of
 sft_res = sft(p0, mcfg, tok, instruction_set(1600, seed=0, shares={'math': 1}),
               SFTConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=5), work / 'sft', progress=False)
 every = [p for p in every_arithmetic_problem() if split_of(p['question']) == 'test']      # held out: 35 questions

@@ -15,9 +15,9 @@
 # %% [markdown]
 # # Learning-rate schedules
 #
-# > Multi-phase learning-rate schedules (warmup, stable, cosine / linear / warmup-stable-decay, re-warmup between phases) built on optax, each phase tied to a data-mixture phase.
+# > Multi-phase learning-rate schedules (warmup, stable, cosine, linear, WSD), each tied to a mixture phase.
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/14_schedules.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/09_schedules.ipynb)
 
 # %%
 #| default_exp schedules
@@ -41,12 +41,15 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import jax.numpy as jnp
-import numpy as np
 import optax
+
+from xgen_small.config import Config
+
+
+# %%
+import numpy as np
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -76,7 +79,7 @@ from xgen_small.data.mixture import default_mixture
 DECAYS = ('constant', 'cosine', 'linear', 'wsd')
 
 @dataclass(frozen=True)
-class LRPhase:
+class LRPhase(Config):
     "One phase of the learning-rate schedule, named after the data-mixture phase it trains on."
     name: str
     steps: int
@@ -88,15 +91,20 @@ class LRPhase:
 
     def __post_init__(self):
         if self.steps <= 0: raise ValueError(f"phase {self.name!r}: steps must be positive, got {self.steps}")
-        if not 0 <= self.warmup_steps <= self.steps: raise ValueError(f"phase {self.name!r}: warmup_steps must be in [0, steps]")
-        if self.decay not in DECAYS: raise ValueError(f"phase {self.name!r}: decay must be one of {DECAYS}, got {self.decay!r}")
-        if self.peak_lr <= 0 or self.final_lr < 0: raise ValueError(f"phase {self.name!r}: need peak_lr > 0 and final_lr >= 0")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"phase {self.name!r}: warmup_steps must be in [0, steps]")
+        if self.decay not in DECAYS:
+            raise ValueError(f"phase {self.name!r}: decay must be one of {DECAYS}, got {self.decay!r}")
+        if self.peak_lr <= 0 or self.final_lr < 0:
+            raise ValueError(f"phase {self.name!r}: need peak_lr > 0 and final_lr >= 0")
         if not 0 < self.decay_fraction <= 1: raise ValueError(f"phase {self.name!r}: decay_fraction must be in (0, 1]")
 
 def _phase_schedule(p: LRPhase, start_lr: float) -> optax.Schedule:
     rest = p.steps - p.warmup_steps
     parts, bounds = [], []
-    if p.warmup_steps: parts.append(optax.linear_schedule(start_lr, p.peak_lr, p.warmup_steps)); bounds.append(p.warmup_steps)
+    if p.warmup_steps:
+        parts.append(optax.linear_schedule(start_lr, p.peak_lr, p.warmup_steps))
+        bounds.append(p.warmup_steps)
     if p.decay == 'constant' or rest == 0: parts.append(optax.constant_schedule(p.peak_lr))
     elif p.decay == 'cosine': parts.append(optax.cosine_decay_schedule(p.peak_lr, rest, alpha=p.final_lr / p.peak_lr))
     elif p.decay == 'linear': parts.append(optax.linear_schedule(p.peak_lr, p.final_lr, rest))
@@ -137,11 +145,22 @@ def total_steps(phases) -> int: return sum(p.steps for p in phases)
 
 # %%
 #| export
-def default_schedule(steps: int, peak_lr: float = 3e-3, anneal_fraction: float = 0.2, warmup_fraction: float = 0.02) -> tuple:
+def default_schedule(
+    steps: int, peak_lr: float = 3e-3, anneal_fraction: float = 0.2, warmup_fraction: float = 0.02
+) -> tuple:
     "Two phases: 'broad' (warmup, stable) then 'anneal' (short re-warmup, linear decay to 1% of the peak)."
     n_anneal = max(1, round(steps * anneal_fraction)); n_broad = steps - n_anneal
-    return (LRPhase('broad', n_broad, peak_lr, warmup_steps=max(1, round(steps * warmup_fraction)), decay='constant'),
-            LRPhase('anneal', n_anneal, peak_lr, warmup_steps=max(1, round(n_anneal * 0.05)), decay='linear', final_lr=peak_lr / 100))
+    return (
+        LRPhase('broad', n_broad, peak_lr, warmup_steps=max(1, round(steps * warmup_fraction)), decay='constant'),
+        LRPhase(
+            'anneal',
+            n_anneal,
+            peak_lr,
+            warmup_steps=max(1, round(n_anneal * 0.05)),
+            decay='linear',
+            final_lr=peak_lr / 100,
+        ),
+    )
 
 # %%
 phases = default_schedule(1000)

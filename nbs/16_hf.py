@@ -15,9 +15,9 @@
 # %% [markdown]
 # # Hugging Face interop
 #
-# > Load Llama-format `safetensors` checkpoints (such as the released xGen-small weights) into our decoder, and export ours so that `transformers` loads them.
+# > Llama-format safetensors checkpoints in and out, loadable by `transformers`.
 #
-# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/17_hf.ipynb)
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/xgen-small/xgen_small/blob/main/nbs/16_hf.ipynb)
 
 # %%
 #| default_exp hf
@@ -105,10 +105,14 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.items():
         if name == '__metadata__': continue
-        if info['dtype'] not in _ST_DTYPES: raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        if info['dtype'] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         dtype, (begin, end) = np.dtype(_ST_DTYPES[info['dtype']]), info['data_offsets']
         if end - begin != math.prod(info['shape']) * dtype.itemsize or end > data.size:
-            raise ValueError(f"{path}: tensor {name!r} byte range {begin}:{end} does not match shape {info['shape']} ({info['dtype']})")
+            raise ValueError(
+                f"{path}: tensor {name!r} byte range {begin}:{end} does not match shape {info['shape']} "
+                f"({info['dtype']})"
+            )
         out[name] = data[begin:end].view(dtype).reshape(info['shape'])
     return out
 
@@ -117,7 +121,8 @@ def write_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: dict[st
     header, offset = {}, 0
     arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
     for name, a in arrays.items():
-        if a.dtype not in _ST_NAMES: raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+        if a.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
         header[name] = dict(dtype=_ST_NAMES[a.dtype], shape=list(a.shape), data_offsets=[offset, offset + a.nbytes])
         offset += a.nbytes
     if metadata: header['__metadata__'] = metadata
@@ -218,7 +223,8 @@ def _check_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]):
              for n in expected if n in tensors and tuple(tensors[n].shape) != tuple(expected[n])]
     problems = []
     if missing: problems.append(f"{len(missing)} missing tensor(s): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
-    if unexpected: problems.append(f"{len(unexpected)} unexpected tensor(s) (not a plain Llama decoder?): {unexpected[:6]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) (not a plain Llama decoder?): {unexpected[:6]}")
     if wrong: problems.append(f"{len(wrong)} shape mismatch(es): " + '; '.join(wrong[:4]))
     if problems: raise CheckpointError('checkpoint does not match its config: ' + ' | '.join(problems))
 
@@ -228,7 +234,9 @@ def state_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[t
     dt = np.dtype(cfg.param_jnp_dtype)
     out = {path: np.asarray(fn(tensors[name]), dt) for name, (path, fn, _) in _top_map(cfg).items()}
     for suffix, (path, fn, _) in _layer_map(cfg).items():
-        out[('layers', *path)] = np.stack([np.asarray(fn(tensors[f'model.layers.{i}.{suffix}']), dt) for i in range(cfg.n_layers)])
+        out[('layers', *path)] = np.stack(
+            [np.asarray(fn(tensors[f'model.layers.{i}.{suffix}']), dt) for i in range(cfg.n_layers)]
+        )
     return out
 
 def model_from_state(cfg: ModelConfig, params: Mapping[tuple[str, ...], np.ndarray]) -> Decoder:
