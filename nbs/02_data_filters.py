@@ -91,8 +91,8 @@ _OPERATOR = re.compile(r'^[:=!<>]{2,}$')
 _UNIT = re.compile(r'^(\d+(?:[.,]\d+)?)([a-zA-Z]{1,3})$')
 
 def split_words(text: str) -> list[str]:
-    "English words and punctuation tokens of `text`, split the way spaCy's rule-based English tokenizer does in "
-    "common cases."
+    """English words and punctuation tokens of `text`, split the way spaCy's rule-based English tokenizer does in common
+    cases."""
     out = []
     for chunk in text.split():
         bare = chunk.rstrip(')]}>"\',.;:!?')
@@ -459,8 +459,8 @@ class FilterChain:
         return [getattr(f, 'func', f).__name__ for f in self.chains[domain]]
 
 def default_filters(**overrides) -> FilterChain:
-    "The default chains; `overrides` maps a filter name to threshold keywords, e.g. `gopher_word_count={'min_words': "
-    "20}`."
+    """The default chains; `overrides` maps a filter name to threshold keywords, e.g. `gopher_word_count={'min_words':
+    20}`."""
     overrides = {'gopher_alpha_words': {'min_ratio': 0.5}, **overrides}
     prose = [c4_lorem_ipsum, *GOPHER_QUALITY, *GOPHER_REPETITION]
     web = [*prose, fineweb_line_punctuation, fineweb_short_lines, fineweb_list_ratio, boilerplate_lines, spam_signals]

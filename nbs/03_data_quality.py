@@ -194,8 +194,8 @@ class SparseLogReg:
 #| export
 @dataclass
 class TrigramLM:
-    "Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram "
-    "model."
+    """Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram
+    model."""
     discount: float = 0.75
     max_tokens: int = 5000
 

@@ -204,8 +204,8 @@ class Tokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int], *, specials: bool = False) -> str:
-        "Text of `ids`. Special tokens are dropped, or spelt out with `specials=True` (inverse of `encode(..., "
-        "specials=...)`)."
+        """Text of `ids`. Special tokens are dropped, or spelt out with `specials=True` (inverse of `encode(...,
+        specials=...)`)."""
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad: raise ValueError(f"token ids out of range [0, {self.vocab_size}): {bad[:5]}")

@@ -251,8 +251,8 @@ def _pad_to(x, axis: int, multiple: int, value):
     return jnp.pad(x, widths, constant_values=value)
 
 def _heads_major(q, k, v, q_seg, kv_seg, bq: int, bk: int):
-    "Pad lengths to the blocks (padding gets segment ids -1 / -2, which match nothing real) and move heads before "
-    "length."
+    """Pad lengths to the blocks (padding gets segment ids -1 / -2, which match nothing real) and move heads before
+    length."""
     q = _pad_to(q, 1, bq, 0).transpose(0, 2, 1, 3); q_seg = _pad_to(q_seg.astype(jnp.int32), 1, bq, -1)
     k = _pad_to(k, 1, bk, 0).transpose(0, 2, 1, 3); v = _pad_to(v, 1, bk, 0).transpose(0, 2, 1, 3)
     kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, bk, -2)

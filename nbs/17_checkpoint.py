@@ -203,8 +203,8 @@ test_fail(lambda: load_run(tmp / 'run', step=7), contains='no checkpoint for ste
 # %%
 #| export
 def export_model(model, tok, path, *, config: dict | None = None) -> Path:
-    "`model` as a parameters-only orbax run directory (`load_run` opens it), `hf/` Llama safetensors, and the "
-    "tokenizer."
+    """`model` as a parameters-only orbax run directory (`load_run` opens it), `hf/` Llama safetensors, and the
+    tokenizer."""
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     if (path / 'checkpoints').exists(): shutil.rmtree(path / 'checkpoints')
     ck = Checkpointer(path / 'checkpoints', save_every=1, keep=1)

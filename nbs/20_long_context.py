@@ -557,8 +557,8 @@ test_eq(recall_accuracy(Decoder(get_preset('tiny'), rngs=nnx.Rngs(0)), tok, n=4)
 # %%
 #| export
 def stage_model_config(base: ModelConfig, stage: ExtensionStage) -> ModelConfig:
-    "The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if "
-    "sharded."
+    """The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if
+    sharded."""
     impl = (
         'seq_ring'
         if stage.sequence > 1

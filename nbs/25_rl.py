@@ -106,8 +106,8 @@ from xgen_small.tasks import arithmetic_tasks, code_tasks, task_reward
 AGGREGATIONS = ('sequence_mean', 'token_mean', 'constant')
 
 def group_advantages(rewards, scale: str = 'std', eps: float = 1e-6) -> np.ndarray:
-    "`[prompts, G]` rewards -> advantages: minus the group mean, divided by the group std (`scale='std'`) or not "
-    "('none')."
+    """`[prompts, G]` rewards -> advantages: minus the group mean, divided by the group std (`scale='std'`) or not
+    ('none')."""
     r = np.asarray(rewards, np.float64)
     if r.ndim != 2: raise ValueError(f"rewards must be [prompts, group], got shape {r.shape}")
     if scale not in ('std', 'none'): raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
@@ -218,7 +218,7 @@ class RLConfig(PostConfig):
             raise ConfigError(f"{n}: need kl_beta >= 0 and 0 < clip_eps < 1")
 
 def _sampled_logps(model, b, temperature):
-    "Log-probabilities of a batch's targets under `model` at the sampling temperature (the policy the samples came from)."
+    "Log-probabilities of a batch's targets under `model` at the sampling temperature (the samples' policy)."
     return token_logps(model(b['inputs'], b['positions'], b['segment_ids']) / temperature, b['targets'])
 
 _sampled_logps_jit = jax.jit(_sampled_logps)

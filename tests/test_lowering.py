@@ -78,13 +78,14 @@ def test_flash_lowers_for_cuda_as_triton(D, T):
 
 
 @pytest.mark.parametrize('platform', ['tpu', 'cuda'])
-def test_kv_cache_decoding_lowers(platform):
+@pytest.mark.parametrize('P', [200, 3000])                 # one-pass prefill, and chunked (1024, 1024 and a first 952)
+def test_kv_cache_decoding_lowers(platform, P):
     from xgen_small.generate import _decode
     cfg = get_preset('xgen_4b', n_layers=2, compute_dtype='bfloat16', max_seq_len=4096)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-    B, P = 2, 200
+    B = 2
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-    f = partial(_decode, graphdef, max_new_tokens=8)
+    f = partial(_decode, graphdef, max_new_tokens=8, chunk=1024)
     _export(
         lambda state, t, s, p, key, stop: f(
             state,
@@ -105,3 +106,20 @@ def test_kv_cache_decoding_lowers(platform):
         jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
         i32(1),
     )
+
+
+@pytest.mark.parametrize('platform', ['tpu', 'cuda'])
+@pytest.mark.parametrize('impl,collective', [('seq_ring', 'collective_permute'), ('seq_allgather', 'all_gather')])
+def test_sequence_parallel_attention_lowers_on_a_mesh(platform, impl, collective):
+    "Forward and backward of the sequence-parallel attention over 8 devices (fsdp 2 x sequence 4), for the accelerator."
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    import xgen_small.seqpar  # noqa: F401  (registers seq_ring and seq_allgather)
+    from xgen_small.sharding import MeshConfig, make_mesh
+    mesh = make_mesh(MeshConfig(fsdp=2, sequence=4))
+    spec = NamedSharding(mesh, PartitionSpec('fsdp', 'sequence'))
+    args = [jax.ShapeDtypeStruct((2, 2048, n, 128), jnp.bfloat16, sharding=spec) for n in (8, 2, 2)]
+    f = lambda q, k, v: jnp.sum(attention(q, k, v, impl=impl).astype(jnp.float32))
+    with jax.set_mesh(mesh):
+        exported = jax.export.export(jax.jit(jax.grad(f, argnums=(0, 1, 2))), platforms=[platform])(*args)
+    assert exported.nr_devices == 8 and collective in exported.mlir_module()

@@ -90,8 +90,8 @@ def load_run(run_dir, step: int | None = None) -> tuple[Decoder, dict]:
 
 # %% ../nbs/17_checkpoint.ipynb #5d4a6374
 def export_model(model, tok, path, *, config: dict | None = None) -> Path:
-    "`model` as a parameters-only orbax run directory (`load_run` opens it), `hf/` Llama safetensors, and the "
-    "tokenizer."
+    """`model` as a parameters-only orbax run directory (`load_run` opens it), `hf/` Llama safetensors, and the
+    tokenizer."""
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     if (path / 'checkpoints').exists(): shutil.rmtree(path / 'checkpoints')
     ck = Checkpointer(path / 'checkpoints', save_every=1, keep=1)

@@ -101,8 +101,8 @@ def evaluate_ruler(
     return rows
 
 def ruler_table(rows: list[dict], metric: str = 'exact', title: str = 'task', mean: bool = True) -> str:
-    "A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if "
-    "`mean`)."
+    """A Markdown table, tasks down and lengths across, of `metric` in percent, with the mean over tasks last (if
+    `mean`)."""
     tasks = list(dict.fromkeys(r['task'] for r in rows)); lengths = sorted({r['length'] for r in rows})
     cell = {(r['task'], r['length']): r[metric] for r in rows}
     fmt = lambda L: f'{L // 1024}K' if L % 1024 == 0 else str(L)

@@ -303,8 +303,8 @@ def write_store(records: list[dict], tok: Tokenizer, out_dir) -> TokenStore:
 
 # %% ../nbs/20_long_context.ipynb #e9433acb
 def stage_model_config(base: ModelConfig, stage: ExtensionStage) -> ModelConfig:
-    "The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if "
-    "sharded."
+    """The model config for training `stage`: new RoPE base, room for the stage length, sequence-parallel attention if
+    sharded."""
     impl = (
         'seq_ring'
         if stage.sequence > 1

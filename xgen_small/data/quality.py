@@ -100,8 +100,8 @@ class SparseLogReg:
 # %% ../../nbs/03_data_quality.ipynb #853b2139
 @dataclass
 class TrigramLM:
-    "Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram "
-    "model."
+    """Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram
+    model."""
     discount: float = 0.75
     max_tokens: int = 5000
 
