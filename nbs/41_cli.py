@@ -58,10 +58,10 @@ from fastcore.test import test_eq, test_fail
 
 
 # %% [markdown]
-# Every stage gets a subcommand as it lands (`curate`, `pretrain`, `extend` and `eval` today; `sft`, `dpo`,
-# `rl` and `run` for all of them later). Until the pipeline exists, the main job is `demo`:
-# initialise a model from a preset and decode a batch with the KV-cache generator, reporting compile
-# time and decode speed.
+# `xgen-small run` is the main job: the whole pipeline of notebook 40, its stages taken from the pipeline's table.
+# Every stage also has a subcommand of its own, for running one stage on your own data or checkpoints, and `demo`
+# initialises a model from a preset and decodes a batch with the KV-cache generator, reporting compile time and
+# decode speed (a quick check that an install and its accelerator work).
 #
 # `xgen-small curate IN... --out DIR` runs notebook 06's pipeline over JSONL(.gz) shards, and
 # `xgen-small pretrain --data STORE --out RUN [--config cfg.json] [--set model.d_model=256 ...]` notebook 18's
@@ -69,6 +69,8 @@ from fastcore.test import test_eq, test_fail
 # `xgen-small extend --run RUN --tokenizer TOK --out EXT [--recipe cpu|xgen|recipe.json]` runs notebook 20's
 # stages from a pre-trained run, and `xgen-small eval --run RUN --tokenizer TOK [--lengths 512,1024 --tasks ...]`
 # prints notebook 30's task x length table (and writes JSON, Markdown and a heatmap with `--out`).
+# `xgen-small sft|dpo|rl --init RUN|PRESET --tokenizer TOK --out DIR [--config cfg.json] [--data JSONL...]` runs one
+# post-training stage (notebooks 23-25) through the same training loop.
 #
 # Config fields are overridden from the command line with `--set field=value` (dotted for nested fields), read as
 # the type of the value they replace, so a typo or a bad value fails with the field's name: it is
