@@ -12,19 +12,6 @@ import argparse
 import time
 
 
-def compiled_gib(model, length: int, chunk: int) -> float:
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from xgen_small.generate import _decode
-    gd, st = nnx.split(model)
-    args = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 3
-    lowered = _decode.lower(gd, st, *args, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1),
-                            jnp.asarray([-2], jnp.int32), 1, chunk)
-    return lowered.compile().memory_analysis().temp_size_in_bytes / 2**30
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true')
@@ -35,7 +22,7 @@ def main(argv=None):
     from flax import nnx
 
     from xgen_small.config import get_preset
-    from xgen_small.generate import generate
+    from xgen_small.generate import generate, prefill_memory_gib
     from xgen_small.model import Decoder
     lengths = (1024, 2048) if a.quick else (4096, 8192, 16384, 32768)
     chunk = min(a.chunk, 512) if a.quick else a.chunk
@@ -47,7 +34,8 @@ def main(argv=None):
     for L in lengths:
         model = Decoder(get_preset('tiny', max_seq_len=L + 16), rngs=nnx.Rngs(0))
         prompt = np.random.default_rng(0).integers(5, 4000, L).tolist()
-        r = dict(tokens=L, one_pass_gib=compiled_gib(model, L, L), chunked_gib=compiled_gib(model, L, chunk))
+        r = dict(tokens=L, one_pass_gib=prefill_memory_gib(model, L, L),
+                 chunked_gib=prefill_memory_gib(model, L, chunk))
         for name, c in (('one_pass', L), ('chunked', chunk)):
             if r[f'{name}_gib'] > a.budget_gib: r[f'{name}_s'] = None; continue
             generate(model, [prompt], 1, prefill_chunk=c, bucket=chunk)            # compile

@@ -379,14 +379,17 @@ print('chunks of 64 and one pass agree:', chunked.tokens[0])
 # model with `max_seq_len` raised to 32K, one row, prefill plus one new token.
 
 # %%
-def prefill_gib(length: int, chunk: int) -> float:
-    m = Decoder(get_preset('tiny', max_seq_len=length + 16), rngs=nnx.Rngs(0))
-    gd, st = nnx.split(m)
+#| export
+def prefill_memory_gib(model: Decoder, length: int, prefill_chunk: int = 1024) -> float:
+    "Scratch memory (GiB) of `generate` for one `length`-token prompt and one new token, from the compiled program."
+    gd, st = nnx.split(model)
     args = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 3
     lowered = _decode.lower(gd, st, *args, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1),
-                            jnp.asarray([-2], jnp.int32), 1, chunk)
+                            jnp.asarray([-2], jnp.int32), 1, prefill_chunk)
     return lowered.compile().memory_analysis().temp_size_in_bytes / 2**30
 
+# %%
+prefill_gib = lambda L, c: prefill_memory_gib(Decoder(get_preset('tiny', max_seq_len=L + 16), rngs=nnx.Rngs(0)), L, c)
 mem = {(L, c): prefill_gib(L, c) for L in (8192, 32768) for c in (L, 1024)}
 for (L, c), g in mem.items(): print(f'{L:>6} tokens, prefill {"in one pass" if c == L else f"in chunks of {c}":>16}: {g:6.2f} GiB')
 

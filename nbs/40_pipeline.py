@@ -631,11 +631,6 @@ STAGE_TABLE = (
     ),
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)
-_BY_NAME = {s.name: s for s in STAGE_TABLE}
-
-def stage_settings(cfg: PipelineConfig, stage: str) -> dict:
-    "The part of `cfg` that `stage` itself depends on."
-    return _BY_NAME[stage].settings(cfg)
 
 def fingerprints(cfg: PipelineConfig) -> dict:
     "Every stage's fingerprint: a hash of its settings and of its upstream stages' fingerprints."

@@ -18,7 +18,7 @@ from .config import Config
 from .model import Decoder, KVCache, check_tokens
 
 # %% auto #0
-__all__ = ['Sampling', 'sample_token', 'Generation', 'generate', 'generate_reference']
+__all__ = ['Sampling', 'sample_token', 'Generation', 'generate', 'generate_reference', 'prefill_memory_gib']
 
 # %% ../nbs/15_generate.ipynb #f4d46c6d
 @dataclass(frozen=True)
@@ -209,3 +209,12 @@ def generate_reference(model: Decoder, prompts, max_new_tokens: int = 32, *, sam
         done |= np.isin(t, list(stop_tokens))
         tok[:, width + step], seg[:, width + step] = t, 1
     return _finish(out, stop_tokens)
+
+# %% ../nbs/15_generate.ipynb #f7a39e31
+def prefill_memory_gib(model: Decoder, length: int, prefill_chunk: int = 1024) -> float:
+    "Scratch memory (GiB) of `generate` for one `length`-token prompt and one new token, from the compiled program."
+    gd, st = nnx.split(model)
+    args = [jax.ShapeDtypeStruct((1, length), jnp.int32)] * 3
+    lowered = _decode.lower(gd, st, *args, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1),
+                            jnp.asarray([-2], jnp.int32), 1, prefill_chunk)
+    return lowered.compile().memory_analysis().temp_size_in_bytes / 2**30

@@ -32,7 +32,7 @@ from .train import TrainConfig
 
 # %% auto #0
 __all__ = ['STAGE_TABLE', 'STAGES', 'EvalConfig', 'PipelineConfig', 'pipeline_config', 'scale_steps', 'Stage', 'PipelineError',
-           'stage_settings', 'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
+           'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
 
 # %% ../nbs/40_pipeline.ipynb #83162665
 @dataclass(frozen=True)
@@ -502,11 +502,6 @@ STAGE_TABLE = (
     ),
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)
-_BY_NAME = {s.name: s for s in STAGE_TABLE}
-
-def stage_settings(cfg: PipelineConfig, stage: str) -> dict:
-    "The part of `cfg` that `stage` itself depends on."
-    return _BY_NAME[stage].settings(cfg)
 
 def fingerprints(cfg: PipelineConfig) -> dict:
     "Every stage's fingerprint: a hash of its settings and of its upstream stages' fingerprints."
