@@ -58,12 +58,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from xgen_small.attention import (
+    NEG,
+    BlockSizes,
     attention_defaults,
-    attention_mask,
-    attention_reference,
-    online_softmax_init,
-    online_softmax_result,
-    online_softmax_step,
+    blockwise_backward,
+    blockwise_forward,
+    merge_partials,
     register_impl,
 )
 
@@ -74,6 +74,7 @@ from fastcore.test import test_close, test_eq, test_fail
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from xgen_small.attention import attention_reference
 from xgen_small.config import get_preset
 from xgen_small.model import Decoder
 from xgen_small.sharding import MeshConfig, data_sharding, logical_spec, make_mesh, shard_model
@@ -109,6 +110,17 @@ print(jax.devices())
 #   same online-softmax update as FlashAttention (notebook 11). No device ever holds more than two K/V
 #   chunks, and the transfers overlap with the compute on an accelerator.
 #
+# Inside each device the work is notebook 11's blockwise attention, so no device ever holds a score matrix larger
+# than one `[512, 512]` tile: a chunk's partial result comes back as an output and its log-sum-exp, and two partial
+# softmaxes over disjoint keys merge exactly, $\mathrm{lse} = \log(e^{\mathrm{lse}_1} + e^{\mathrm{lse}_2})$,
+# $o = e^{\mathrm{lse}_1 - \mathrm{lse}}\,o_1 + e^{\mathrm{lse}_2 - \mathrm{lse}}\,o_2$. Chunks arrive in any
+# order, so the causal mask is read from *positions* (`blockwise_forward(..., q_pos=, kv_pos=)`), and tiles that
+# no query can see are skipped. The backward pass has its own ring (a custom VJP): the K/V chunks go round again,
+# each carrying its gradient accumulators; every device adds its queries' contribution, computed blockwise from the
+# *final* output and log-sum-exp, and one last hop brings the accumulators home. Differentiating through the
+# forward ring instead would store every hop's intermediate values. All-gather attention uses the same blockwise
+# kernel against the gathered keys.
+#
 # Masks use segment ids and *positions*, which travel with their tokens, so correctness does not
 # depend on which device holds which chunk. That is what makes **causal load balancing** free: with
 # causal masking the device holding the last chunk does the most work (its queries see everything),
@@ -127,25 +139,93 @@ def _mesh_axes_for(mesh, B: int, K: int):
         raise ValueError(f"{K} key/value heads are not divisible by the tensor axis ({mesh.shape['tensor']})")
     return (batch or None), heads
 
-def _ring_local(q, k, v, qs, ks, qp, kp, *, causal):
-    "Per device: fold the K/V chunk it holds, pass it on around the ring, fold the next, `n` times."
+_RING_BLOCKS = BlockSizes(512, 512)
+
+def _pass_on(xs):
+    "Send each array to the next device around the `sequence` ring."
     n = jax.lax.axis_size('sequence')
-    B, T, H, D = q.shape; K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, D).astype(jnp.float32) * D ** -0.5
-    pv = lambda p, vc: jnp.einsum('btkgs,bskd->btkgd', p, vc)
-    carry = online_softmax_init(qg.shape)
-    kv = (k.astype(jnp.float32), v.astype(jnp.float32), ks, kp)
-    ring = [(i, (i + 1) % n) for i in range(n)]
-    for step in range(n):
-        kc, vc, ksc, kpc = kv
-        mask = attention_mask(qs, ksc, qp, kpc, causal)[:, :, None, None]
-        carry = online_softmax_step(carry, jnp.einsum('btkgd,bskd->btkgs', qg, kc), mask, vc, pv)
-        if step < n - 1: kv = tuple(jax.lax.ppermute(x, 'sequence', ring) for x in kv)
-    return online_softmax_result(carry)[0].reshape(B, T, H, D).astype(q.dtype)
+    return tuple(jax.lax.ppermute(x, 'sequence', [(i, (i + 1) % n) for i in range(n)]) for x in xs)
+
+def _repeat(loop: bool, step, carry):
+    """`carry = step(carry)`, once per ring hop (the axis size minus one): as a `fori_loop`, whose one body the
+    compiler plans memory for once, or unrolled. The CPU runtime needs the unrolled form: it may start a loop holding
+    collectives beside another collective of the same program, and with more simulated devices than threads they
+    wait on each other forever."""
+    hops = jax.lax.axis_size('sequence') - 1
+    if loop: return jax.lax.fori_loop(0, hops, lambda _, c: step(c), carry)
+    for _ in range(hops): carry = step(carry)
+    return carry
+
+def _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    B, T, H, D = q.shape
+    qf = q.astype(jnp.float32)
+    def fold(state, kv):
+        o_c, l_c = blockwise_forward(qf, kv[0], kv[1], qs, kv[2], causal=causal, block_sizes=bs, scale=D ** -0.5,
+                                     q_pos=qp, kv_pos=kv[3])
+        return merge_partials(*state, o_c, l_c)
+    state = jnp.zeros((B, T, H, D), jnp.float32), jnp.full((B, H, T), -NEG, jnp.float32)   # no key seen yet
+    # n - 1 times: fold the chunk held, pass it on; then fold the last
+    state, kv = _repeat(loop, lambda c: (fold(*c), _pass_on(c[1])), (state, (k, v, ks, kp)))
+    out, lse = fold(state, kv)
+    return out.astype(q.dtype), lse
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    return _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop)[0]
+
+def _ring_fwd(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    out, lse = _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+def _ring_bwd(causal, bs, loop, res, do):
+    """The ring again: each K/V chunk travels with its gradient accumulators, gathering every device's contribution
+    (computed blockwise from the final output and log-sum-exp), and one last hop brings them home."""
+    q, k, v, qs, ks, qp, kp, out, lse = res
+    qf = q.astype(jnp.float32)
+    def grads(dq, kv, dkv):
+        dq_c, dk_c, dv_c = blockwise_backward(
+            qf, kv[0].astype(jnp.float32), kv[1].astype(jnp.float32), qs, kv[2], out, lse, do, causal=causal,
+            block_sizes=bs, scale=q.shape[-1] ** -0.5, q_pos=qp, kv_pos=kv[3]
+        )
+        return dq + dq_c, (dkv[0] + dk_c, dkv[1] + dv_c)
+    def step(c):
+        dq, kv, dkv = c
+        dq, dkv = grads(dq, kv, dkv)
+        return dq, _pass_on(kv), _pass_on(dkv)
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, kv, dkv = _repeat(loop, step, (jnp.zeros(q.shape, jnp.float32), (k, v, ks, kp), zeros))
+    dq, dkv = grads(dq, kv, dkv)
+    dk, dv = _pass_on(dkv)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+def _ring_local(q, k, v, qs, ks, qp, kp, *, causal, loop):
+    "Per device: fold the K/V chunk it holds, pass it on around the ring, fold the next, `n` times."
+    return _ring(q, k, v, qs, ks, qp, kp, causal, _RING_BLOCKS, loop)
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _blockwise_by_position(q, k, v, qs, ks, qp, kp, causal):
+    return blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
+                             q_pos=qp, kv_pos=kp)[0]
+
+def _bp_fwd(q, k, v, qs, ks, qp, kp, causal):
+    out, lse = blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
+                                 q_pos=qp, kv_pos=kp)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+def _bp_bwd(causal, res, do):
+    q, k, v, qs, ks, qp, kp, out, lse = res
+    grads = blockwise_backward(q, k, v, qs, ks, out, lse, do, causal=causal, block_sizes=_RING_BLOCKS,
+                               scale=q.shape[-1] ** -0.5, q_pos=qp, kv_pos=kp)
+    return (*grads, None, None, None, None)
+
+_blockwise_by_position.defvjp(_bp_fwd, _bp_bwd)
 
 def _allgather_local(q, k, v, qs, ks, qp, kp, *, causal):
+    "Per device: gather every chunk's keys and values, then attend blockwise from this device's queries."
     gather = lambda x: jax.lax.all_gather(x, 'sequence', axis=1, tiled=True)
-    return attention_reference(q, gather(k), gather(v), qs, gather(ks), qp, gather(kp), causal=causal)
+    return _blockwise_by_position(q, gather(k), gather(v), qs, gather(ks), qp, gather(kp), causal)
 
 def _sequence_parallel(local, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal):
     mesh = jax.sharding.get_abstract_mesh()
@@ -167,10 +247,15 @@ def _sequence_parallel(local, q, k, v, q_segment_ids, kv_segment_ids, q_position
     return f(q, k, v, qs.astype(jnp.int32), ks.astype(jnp.int32), qp.astype(jnp.int32), kp.astype(jnp.int32))
 
 def attention_ring(
-    q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True, **_
+    q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True,
+    loop: bool | None = None, **_
 ):
-    "Ring attention over the mesh's `sequence` axis (K/V chunks passed around with ppermute)."
-    return _sequence_parallel(_ring_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+    """Ring attention over the mesh's `sequence` axis: K/V chunks passed around with ppermute, each folded in
+    blockwise. `loop`: the hops as a loop (default on TPU and GPU) or unrolled (default on CPU; see `_repeat`)."""
+    run = lambda loop, *a: _sequence_parallel(partial(_ring_local, loop=loop), *a, causal)
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if loop is not None: return run(loop, *args)
+    return jax.lax.platform_dependent(*args, cpu=partial(run, False), default=partial(run, True))
 
 def attention_allgather(
     q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True, **_
@@ -204,7 +289,8 @@ meshes = ((MeshConfig(fsdp=1, sequence=8), MeshConfig(data=2, sequence=4), MeshC
           if n == 8 else (MeshConfig(fsdp=1, sequence=-1),))       # fewer devices: the sequence axis takes them all
 for mcfg in meshes:
     mesh = make_mesh(mcfg)
-    for name, fn in (('ring', attention_ring), ('all-gather', attention_allgather)):
+    for name, fn in (('ring', attention_ring), ('ring loop', partial(attention_ring, loop=True)),
+                     ('all-gather', attention_allgather)):
         f = lambda q, k, v: fn(q, k, v, seg, seg, pos, pos)
         with jax.set_mesh(mesh):
             out = jax.jit(f)(q, k, v)
@@ -216,6 +302,48 @@ for mcfg in meshes:
 # %%
 test_fail(lambda: attention_ring(q, k, v), contains='active mesh')
 
+
+# %% [markdown]
+# ### Memory per device
+#
+# The ring's hops run as a `fori_loop` on TPUs and GPUs, so the compiler plans one hop's buffers and reuses them;
+# on a CPU they are unrolled (`loop=False`), because the CPU runtime may start a loop that holds collectives beside
+# another collective of the same program and, with more simulated devices than threads, both wait forever. (That is
+# a property of the simulated devices, not of the algorithm; both forms compute the same thing, checked above.)
+#
+# What a device needs, compiled for forward and backward and never run: with the same tokens per device, ring
+# attention's memory stays flat as the ring grows, while plain attention under XLA's sharding, which materialises
+# the `[T, T]` scores, grows with the square of the length:
+
+# %%
+def temp_gib(fn, T, seq, H=4, K=2, D=16):
+    "Compiled temporary memory per device (GiB) of attention's forward and backward at length T over `seq` devices."
+    mesh = make_mesh(MeshConfig(data=n // seq, fsdp=1, sequence=seq))
+    sh = NamedSharding(mesh, P('data', 'sequence'))
+    qa = jax.ShapeDtypeStruct((n // seq, T, H, D), jnp.float32, sharding=sh)
+    ka = jax.ShapeDtypeStruct((n // seq, T, K, D), jnp.float32, sharding=sh)
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v)), argnums=(0, 1, 2))
+    with jax.set_mesh(mesh):
+        return jax.jit(grad).lower(qa, ka, ka).compile().memory_analysis().temp_size_in_bytes / 2**30
+
+rows = [(T, seq) for T, seq in ((2048, 2), (8192, 2), (8192, 8)) if seq <= n]
+mem = {(T, seq): {name: temp_gib(fn, T, seq) for name, fn in
+                  (('ring', partial(attention_ring, loop=True)), ('plain', attention_reference))} for T, seq in rows}
+print(f"{'tokens':>7} {'sequence':>8} {'per device':>10} | {'ring GiB':>8} {'plain GiB':>9}")
+for (T, seq), m in mem.items(): print(f"{T:>7,} {seq:>8} {T // seq:>10,} | {m['ring']:>8.3f} {m['plain']:>9.3f}")
+
+# %%
+if n >= 2:
+    test_eq(mem[(8192, 2)]['ring'] < 6 * mem[(2048, 2)]['ring'], True)          # 4x the tokens per device: linear
+    test_eq(mem[(8192, 2)]['plain'] > 10 * mem[(2048, 2)]['plain'], True)       # quadratic
+if n == 8: test_eq(mem[(8192, 8)]['ring'] < mem[(8192, 2)]['ring'], True)      # a longer ring: less per device
+
+
+# %% [markdown]
+# At the xgen recipe's shapes (`xgen_4b`'s 24 query and 8 key/value heads of 128, bfloat16, the recipe's sequence
+# degrees) `benchmarks/seqpar_memory.py` prints, per device and per attention layer: 32K tokens on one device 2.3
+# GiB; 128K over 4 and 256K over 8 devices 4.4 GiB each with the loop (6.9 and 12.0 GiB unrolled), where plain
+# attention would need 2.3 and 4.6 TB.
 
 # %% [markdown]
 # ### Zigzag load balancing

@@ -106,6 +106,26 @@ def test_flash_matches_reference(shape, bq, bk, bwd, layout, causal, seed):
     )
 
 
+@pytest.mark.parametrize(
+    'shape,blocks,layout,causal',
+    [
+        ((1, 100, (4, 2), 16), BlockSizes(128, 128), 'interleaved', True),           # shorter than a block
+        ((2, 300, (4, 1), 8), BlockSizes(128, 256), 'packed', True),                 # MQA, no block divides 300
+        ((1, 256, (6, 2), 16), BlockSizes(256, 128, 128, 256), 'packed', False),     # own backward blocks
+        ((1, 384, (2, 2), 64), BlockSizes(128, 128), 'one', True),                   # head_dim 64: lane slices
+    ],
+)
+def test_flash_tpu_kernels_match_reference(shape, blocks, layout, causal):
+    "The Mosaic-layout kernels (keys as a grid axis, lane-replicated statistics) in interpret mode."
+    B, T, (H, K), D = shape
+    _compare(
+        partial(attention_flash, block_sizes=blocks, kernel='tpu', interpret=True),
+        *_inputs(0, B, T, H, K, D, layout),
+        causal,
+        2e-5,
+    )
+
+
 @pytest.mark.parametrize('causal,layout,heads', [(True, 'packed', (4, 2)), (False, 'one', (2, 2))])
 def test_splash_matches_reference(causal, layout, heads):
     (H, K) = heads

@@ -81,3 +81,11 @@ def test_prefill_benchmark_quick():
     rows = _load('prefill').main(['--quick'])
     assert all(r['same'] is True for r in rows)                       # chunks change the memory, not the answer
     assert rows[-1]['chunked_gib'] < rows[-1]['one_pass_gib']
+
+
+def test_seqpar_memory_benchmark_quick():
+    rows = _load('seqpar_memory').main(['--quick'])
+    short, long, spread = rows
+    assert long['ring'] < 6 * short['ring']                            # 4x the tokens per device: linear, not 16x
+    assert spread['ring'] < long['ring']                               # more devices on the sequence: less each
+    assert long['xla'] > 10 * long['ring']                             # the plain layer's [T, T] scores

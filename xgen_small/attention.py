@@ -13,10 +13,10 @@ import jax.experimental.pallas as pl
 import jax.numpy as jnp
 
 # %% auto #0
-__all__ = ['NEG', 'IMPLEMENTATIONS', 'PLATFORMS', 'attention_mask', 'attention_defaults', 'attention_reference', 'BlockSizes',
-           'online_softmax_init', 'online_softmax_step', 'online_softmax_result', 'kv_blocks_seen',
-           'first_q_block_seeing', 'attention_blockwise', 'attention_flash', 'attention_splash', 'register_impl',
-           'resolve_impl', 'attention']
+__all__ = ['NEG', 'LANES', 'SUBLANES', 'IMPLEMENTATIONS', 'PLATFORMS', 'attention_mask', 'attention_defaults',
+           'attention_reference', 'BlockSizes', 'online_softmax_init', 'online_softmax_step', 'online_softmax_result',
+           'merge_partials', 'kv_blocks_seen', 'first_q_block_seeing', 'blockwise_forward', 'blockwise_backward',
+           'attention_blockwise', 'attention_flash', 'attention_splash', 'register_impl', 'resolve_impl', 'attention']
 
 # %% ../nbs/11_attention.ipynb #c6123039
 def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal: bool = True) -> jax.Array:
@@ -110,12 +110,6 @@ def _heads_major(q, k, v, q_seg, kv_seg, bq: int, bk: int):
     kv_seg = _pad_to(kv_seg.astype(jnp.int32), 1, bk, -2)
     return q, k, v, q_seg, kv_seg
 
-def _block_mask(q_seg, kv_seg, q0, k0, bq: int, bk: int, causal: bool):
-    "[..., bq, bk] visibility of a key block (starting at k0) from a query block (starting at q0)."
-    m = q_seg[..., :, None] == kv_seg[..., None, :]
-    if causal: m &= (q0 + jnp.arange(bq))[:, None] >= (k0 + jnp.arange(bk))[None, :]
-    return m
-
 def online_softmax_init(shape, dtype=jnp.float32) -> tuple:
     "The empty running state `(a, m, l)` for queries whose output has `shape` `[..., q, D]`."
     return jnp.zeros(shape, dtype), jnp.full(shape[:-1], NEG, dtype), jnp.zeros(shape[:-1], dtype)
@@ -137,6 +131,16 @@ def online_softmax_result(carry: tuple) -> tuple:
     safe = jnp.where(l == 0, 1.0, l)
     return a / safe[..., None], jnp.where(l == 0, -NEG, m + jnp.log(safe))
 
+def merge_partials(o1, l1, o2, l2) -> tuple:
+    """Merge two partial softmaxes over disjoint sets of keys, each an output `[B, T, H, D]` and log-sum-exp
+    `[B, H, T]`: lse = log(e^l1 + e^l2), o = e^(l1 - lse) o1 + e^(l2 - lse) o2. A row that saw no key in a part
+    (log-sum-exp `-NEG`, as `online_softmax_result` leaves it) takes nothing from that part."""
+    empty1, empty2 = l1 == -NEG, l2 == -NEG
+    a, b = jnp.where(empty1, NEG, l1), jnp.where(empty2, NEG, l2)
+    lse = jnp.logaddexp(a, b)
+    w = lambda l: jnp.exp(l - lse).transpose(0, 2, 1)[..., None]
+    return o1 * w(a) + o2 * w(b), jnp.where(empty1 & empty2, -NEG, lse)
+
 def kv_blocks_seen(i, bq: int, bk: int, n_kv: int, causal: bool):
     "How many key blocks (of `bk`) query block `i` (of `bq`) needs: all `n_kv`, or up to the diagonal when causal."
     return jnp.minimum(((i + 1) * bq + bk - 1) // bk, n_kv) if causal else n_kv
@@ -146,74 +150,108 @@ def first_q_block_seeing(j, bq: int, bk: int, causal: bool):
     return (j * bk) // bq if causal else 0
 
 # %% ../nbs/11_attention.ipynb #6f68721c
-def _bw_fwd(q, k, v, q_seg, kv_seg, causal, bs: BlockSizes, scale):
+def _block_mask(q_seg, kv_seg, q0, k0, bq: int, bk: int, causal: bool, q_pos=None, kv_pos=None):
+    """[..., bq, bk] visibility of a key block (starting at index k0) from a query block (starting at q0): same segment,
+    and, when causal, key index <= query index, or key position <= query position when positions are given."""
+    m = q_seg[..., :, None] == kv_seg[..., None, :]
+    if causal and q_pos is not None: m &= q_pos[..., :, None] >= kv_pos[..., None, :]
+    elif causal: m &= (q0 + jnp.arange(bq))[:, None] >= (k0 + jnp.arange(bk))[None, :]
+    return m
+
+def _skip_invisible(mask, step, carry):
+    "Apply `step` to `carry` only if some key of the block is visible (positions give no index order to stop at)."
+    return jax.lax.cond(jnp.any(mask), step, lambda c: c, carry)
+
+def blockwise_forward(q, k, v, q_seg, kv_seg, *, causal: bool, block_sizes: BlockSizes, scale: float,
+                      q_pos=None, kv_pos=None):
+    """Blockwise attention's forward pass: `(out [B, T, H, D], lse [B, H, T])`, one `[block_q, block_kv]` tile of
+    scores at a time. Without positions, causality is by index and the loops stop at the diagonal; with `q_pos` /
+    `kv_pos` (any lengths, any order: a ring's chunks, a cache) it is by position, and invisible tiles are skipped."""
     (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
-    G = H // K
-    bs = bs.fit(T, S); bq, bk = bs.block_q, bs.block_kv
+    G, by_pos = H // K, q_pos is not None
+    bs = block_sizes.fit(T, S); bq, bk = bs.block_q, bs.block_kv
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     Tp, Sp = qh.shape[2], kh.shape[2]
     qh = qh.reshape(B, K, G, Tp // bq, bq, D).transpose(3, 0, 1, 2, 4, 5).astype(jnp.float32) * scale
     qs = qs.reshape(B, Tp // bq, bq).transpose(1, 0, 2)
+    qp = _pad_to(q_pos, 1, bq, 0).reshape(B, Tp // bq, bq).transpose(1, 0, 2) if by_pos else qs
+    kp = _pad_to(kv_pos, 1, bk, 0) if by_pos else ks
     kh, vh = kh.astype(jnp.float32), vh.astype(jnp.float32)
 
     pv = lambda p, vb: jnp.einsum('bkgqj,bkjd->bkgqd', p, vb)
 
     def one_q_block(args):
-        i, qb, sb = args                                     # qb [B, K, G, bq, D], sb [B, bq]
+        i, qb, sb, pb = args                                 # qb [B, K, G, bq, D], sb / pb [B, bq]
         def body(j, carry):
             kb = jax.lax.dynamic_slice_in_dim(kh, j * bk, bk, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(vh, j * bk, bk, axis=2)
             kvs = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=1)
-            mask = _block_mask(sb, kvs, i * bq, j * bk, bq, bk, causal)[:, None, None]
-            return online_softmax_step(carry, jnp.einsum('bkgqd,bkjd->bkgqj', qb, kb), mask, vb, pv)
-        n = kv_blocks_seen(i, bq, bk, Sp // bk, causal)
+            kvp = jax.lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1) if by_pos else None
+            mask = _block_mask(sb, kvs, i * bq, j * bk, bq, bk, causal, pb if by_pos else None, kvp)
+            def step(c):                                     # scores inside: a skipped tile costs no matmul
+                return online_softmax_step(c, jnp.einsum('bkgqd,bkjd->bkgqj', qb, kb), mask[:, None, None], vb, pv)
+            return _skip_invisible(mask, step, carry) if by_pos else step(carry)
+        n = Sp // bk if by_pos else kv_blocks_seen(i, bq, bk, Sp // bk, causal)
         return online_softmax_result(jax.lax.fori_loop(0, n, body, online_softmax_init(qb.shape)))
-    out, lse = jax.lax.map(one_q_block, (jnp.arange(Tp // bq), qh, qs))      # [nq, B, K, G, bq, (D)]
+    out, lse = jax.lax.map(one_q_block, (jnp.arange(Tp // bq), qh, qs, qp))  # [nq, B, K, G, bq, (D)]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T].astype(q.dtype)
     lse = lse.transpose(1, 2, 3, 0, 4).reshape(B, H, Tp)[:, :, :T]
     return out, lse
 
-def _bw_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs: BlockSizes, scale):
+def blockwise_backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal: bool, block_sizes: BlockSizes, scale: float,
+                       q_pos=None, kv_pos=None):
+    """Blockwise attention's backward pass, `(dq, dk, dv)`, from the forward's `out` and `lse` (which may cover more
+    keys than `k`: a ring passes the *final* output and log-sum-exp, and each key chunk's gradients come out right).
+    Causality as in `blockwise_forward`."""
     (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
-    G = H // K
-    bs = bs.fit(T, S); bq, bk = bs.bwd
+    G, by_pos = H // K, q_pos is not None
+    bs = block_sizes.fit(T, S); bq, bk = bs.bwd
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)   # [B, H, T]
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     doh = _pad_to(do, 1, bq, 0).transpose(0, 2, 1, 3).astype(jnp.float32).reshape(B, K, G, -1, D)
     lse = _pad_to(lse, 2, bq, -NEG).reshape(B, K, G, -1); delta = _pad_to(delta, 2, bq, 0).reshape(B, K, G, -1)
     qh = qh.astype(jnp.float32).reshape(B, K, G, -1, D) * scale
     kh, vh = kh.astype(jnp.float32), vh.astype(jnp.float32)
+    qp, kp = (_pad_to(q_pos, 1, bq, 0), _pad_to(kv_pos, 1, bk, 0)) if by_pos else (None, None)
     Tp, Sp = qh.shape[3], kh.shape[2]
     tile = lambda x, i, b, ax: jax.lax.dynamic_slice_in_dim(x, i * b, b, axis=ax)
 
-    def probs(i, j):
-        qb, sb = tile(qh, i, bq, 3), tile(qs, i, bq, 1)
-        kb, kvs = tile(kh, j, bk, 2), tile(ks, j, bk, 1)
-        mask = _block_mask(sb, kvs, i * bq, j * bk, bq, bk, causal)[:, None, None]
+    def visible(i, j):
+        pos = (tile(qp, i, bq, 1), tile(kp, j, bk, 1)) if by_pos else (None, None)
+        return _block_mask(tile(qs, i, bq, 1), tile(ks, j, bk, 1), i * bq, j * bk, bq, bk, causal, *pos)
+
+    def probs(i, j, mask):
+        qb, kb = tile(qh, i, bq, 3), tile(kh, j, bk, 2)
         s = jnp.einsum('bkgqd,bkjd->bkgqj', qb, kb)
-        return qb, kb, jnp.where(mask, jnp.exp(s - tile(lse, i, bq, 3)[..., None]), 0.0)
+        return qb, kb, jnp.where(mask[:, None, None], jnp.exp(s - tile(lse, i, bq, 3)[..., None]), 0.0)
 
     def dkv_block(j):
         def body(i, carry):
-            dk, dv = carry
-            qb, kb, p = probs(i, j)
-            dob = tile(doh, i, bq, 3)
-            dv = dv + jnp.einsum('bkgqj,bkgqd->bkjd', p, dob)
-            ds = p * (jnp.einsum('bkgqd,bkjd->bkgqj', dob, tile(vh, j, bk, 2)) - tile(delta, i, bq, 3)[..., None])
-            return dk + jnp.einsum('bkgqj,bkgqd->bkjd', ds, qb), dv
-        start = first_q_block_seeing(j, bq, bk, causal)
+            mask = visible(i, j)
+            def step(carry):
+                dk, dv = carry
+                qb, kb, p = probs(i, j, mask)
+                dob = tile(doh, i, bq, 3)
+                dv = dv + jnp.einsum('bkgqj,bkgqd->bkjd', p, dob)
+                ds = p * (jnp.einsum('bkgqd,bkjd->bkgqj', dob, tile(vh, j, bk, 2)) - tile(delta, i, bq, 3)[..., None])
+                return dk + jnp.einsum('bkgqj,bkgqd->bkjd', ds, qb), dv
+            return _skip_invisible(mask, step, carry) if by_pos else step(carry)
+        start = 0 if by_pos else first_q_block_seeing(j, bq, bk, causal)
         zeros = jnp.zeros((B, K, bk, D), jnp.float32)
         return jax.lax.fori_loop(start, Tp // bq, body, (zeros, zeros))
 
     def dq_block(i):
         def body(j, dq):
-            qb, kb, p = probs(i, j)
-            ds = p * (
-                jnp.einsum('bkgqd,bkjd->bkgqj', tile(doh, i, bq, 3), tile(vh, j, bk, 2))
-                - tile(delta, i, bq, 3)[..., None]
-            )
-            return dq + jnp.einsum('bkgqj,bkjd->bkgqd', ds, kb)
-        n = kv_blocks_seen(i, bq, bk, Sp // bk, causal)
+            mask = visible(i, j)
+            def step(dq):
+                qb, kb, p = probs(i, j, mask)
+                ds = p * (
+                    jnp.einsum('bkgqd,bkjd->bkgqj', tile(doh, i, bq, 3), tile(vh, j, bk, 2))
+                    - tile(delta, i, bq, 3)[..., None]
+                )
+                return dq + jnp.einsum('bkgqj,bkjd->bkgqd', ds, kb)
+            return _skip_invisible(mask, step, dq) if by_pos else step(dq)
+        n = Sp // bk if by_pos else kv_blocks_seen(i, bq, bk, Sp // bk, causal)
         return jax.lax.fori_loop(0, n, body, jnp.zeros((B, K, G, bq, D), jnp.float32))
 
     dk, dv = jax.lax.map(dkv_block, jnp.arange(Sp // bk))                    # [nk, B, K, bk, D]
@@ -225,15 +263,16 @@ def _bw_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs: BlockSizes, scale)
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _blockwise(q, k, v, q_seg, kv_seg, causal, bs, scale):
-    return _bw_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale)[0]
+    return blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale)[0]
 
 def _blockwise_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale):
-    out, lse = _bw_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale)
+    out, lse = blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale)
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 def _blockwise_bwd(causal, bs, scale, res, do):
     q, k, v, q_seg, kv_seg, out, lse = res
-    return (*_bw_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale), None, None)
+    return (*blockwise_backward(q, k, v, q_seg, kv_seg, out, lse, do, causal=causal, block_sizes=bs, scale=scale),
+            None, None)
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
@@ -397,17 +436,206 @@ def _fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
     group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)
     return dq[:, :, :T].transpose(0, 2, 1, 3), group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
-    return _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret)[0]
+# %% ../nbs/11_attention.ipynb #3e1b9637
+LANES, SUBLANES = 128, 8   # a TPU vector register: 8 sublanes x 128 lanes
 
-def _flash_vjp_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
-    out, lse = _fl_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret)
+def _lanes(x, n: int):
+    "A lane-replicated `[rows, 128]` statistic as `[rows, n]` (n a multiple of 128, or at most 128)."
+    return jnp.tile(x, (1, n // LANES)) if n >= LANES else x[:, :n]
+
+def _tpu_visible(qi, kj, bq: int, bk: int):
+    "Whether query block `qi` sees any key of block `kj` under index causality."
+    return kj * bk <= qi * bq + bq - 1
+
+def _tpu_mask(qs_ref, ks_ref, qi, kj, bq: int, bk: int, causal: bool):
+    "[bq, bk] visibility from lane-replicated query segment ids and sublane-replicated key segment ids."
+    m = _lanes(qs_ref[...], bk) == ks_ref[:1, :]
+    if causal:
+        rows = jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0) + qi * bq
+        m &= jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1) + kj * bk <= rows
+    return m
+
+def _tpu_fwd_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, acc, m_sc, l_sc, *, scale, causal, bq, bk):
+    i, j, D = pl.program_id(2), pl.program_id(3), acc.shape[-1]
+
+    @pl.when(j == 0)
+    def _():
+        acc[...] = jnp.zeros_like(acc); m_sc[...] = jnp.full_like(m_sc, NEG); l_sc[...] = jnp.zeros_like(l_sc)
+
+    @pl.when(_tpu_visible(i, j, bq, bk) if causal else j >= 0)
+    def _():
+        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        mask = _tpu_mask(qs_ref, ks_ref, i, j, bq, bk, causal)
+        s = jnp.where(mask, s * scale, NEG)
+        m_prev = m_sc[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1)[:, None])                # [bq, 128]
+        p = jnp.where(mask, jnp.exp(s - _lanes(m_new, bk)), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1)[:, None]
+        m_sc[...] = m_new
+        pv = jax.lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+        acc[...] = acc[...] * _lanes(alpha, D) + pv
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _():
+        l = l_sc[...]
+        safe = jnp.where(l == 0, 1.0, l)
+        o_ref[...] = (acc[...] / _lanes(safe, D)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(l == 0, -NEG, m_sc[...] + jnp.log(safe))
+
+def _tpu_probs(q_ref, k_ref, qs_ref, ks_ref, lse_ref, qi, kj, *, scale, causal, bq, bk):
+    s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    mask = _tpu_mask(qs_ref, ks_ref, qi, kj, bq, bk, causal)
+    return jnp.where(mask, jnp.exp(s * scale - _lanes(lse_ref[...], bk)), 0.0)
+
+def _tpu_dkv_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dk_ref, dv_ref, dk_sc, dv_sc, *,
+                    scale, causal, bq, bk):
+    j, i = pl.program_id(2), pl.program_id(3)             # this program's key block; the query block of this step
+
+    @pl.when(i == 0)
+    def _():
+        dk_sc[...] = jnp.zeros_like(dk_sc); dv_sc[...] = jnp.zeros_like(dv_sc)
+
+    @pl.when(_tpu_visible(i, j, bq, bk) if causal else i >= 0)
+    def _():
+        p = _tpu_probs(q_ref, k_ref, qs_ref, ks_ref, lse_ref, i, j, scale=scale, causal=causal, bq=bq, bk=bk)
+        do = do_ref[...]
+        dv_sc[...] += jax.lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - _lanes(d_ref[...], bk))
+        dk_sc[...] += jax.lax.dot(ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32) * scale
+
+    @pl.when(i == pl.num_programs(3) - 1)
+    def _():
+        dk_ref[...] = dk_sc[...].astype(dk_ref.dtype); dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+def _tpu_dq_kernel(q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, d_ref, dq_ref, dq_sc, *,
+                   scale, causal, bq, bk):
+    i, j = pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _(): dq_sc[...] = jnp.zeros_like(dq_sc)
+
+    @pl.when(_tpu_visible(i, j, bq, bk) if causal else j >= 0)
+    def _():
+        p = _tpu_probs(q_ref, k_ref, qs_ref, ks_ref, lse_ref, i, j, scale=scale, causal=causal, bq=bq, bk=bk)
+        dp = jax.lax.dot_general(do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        ds = p * (dp - _lanes(d_ref[...], bk))
+        dq_sc[...] += jax.lax.dot(ds.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32) * scale
+
+    @pl.when(j == pl.num_programs(3) - 1)
+    def _(): dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+def _tpu_specs(G: int, D: int, bq: int, bk: int, causal: bool, per: str):
+    """BlockSpecs over a grid (batch, head, own block, step block): `per='q'` owns a query block and steps over key
+    blocks, `per='k'` the reverse. Past the causal diagonal the index maps repeat the last block needed, so the
+    pipeline fetches nothing new for steps that `pl.when` skips. (`lax.div`, not `//`: the indices are never
+    negative, and Python's floor division lowers through a sign op that Mosaic resolves per TPU generation.)"""
+    if per == 'q':
+        qi = lambda i, j: i
+        kj = (lambda i, j: jnp.minimum(j, jax.lax.div(i * bq + bq - 1, bk))) if causal else (lambda i, j: j)
+    else:
+        kj = lambda j, i: j
+        qi = (lambda j, i: jnp.maximum(i, jax.lax.div(j * bk, bq))) if causal else (lambda j, i: i)
+    return dict(
+        q=pl.BlockSpec((None, None, bq, D), lambda b, h, x, y: (b, h, qi(x, y), 0)),
+        kv=pl.BlockSpec((None, None, bk, D), lambda b, h, x, y: (b, jax.lax.div(h, G), kj(x, y), 0)),
+        qs=pl.BlockSpec((None, bq, LANES), lambda b, h, x, y: (b, qi(x, y), 0)),
+        ks=pl.BlockSpec((None, SUBLANES, bk), lambda b, h, x, y: (b, 0, kj(x, y))),
+        row=pl.BlockSpec((None, None, bq, LANES), lambda b, h, x, y: (b, h, qi(x, y), 0)),
+        dkv=pl.BlockSpec((None, None, bk, D), lambda b, h, x, y: (b, h, kj(x, y), 0)),
+    )
+
+def _tpu_layout(q, k, v, q_seg, kv_seg, bq: int, bk: int):
+    "Heads-major, padded arrays plus segment ids replicated over lanes (queries) and sublanes (keys), as Mosaic tiles."
+    qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
+    return qh, kh, vh, jnp.repeat(qs[:, :, None], LANES, 2), jnp.repeat(ks[:, None, :], SUBLANES, 1)
+
+def _tpu_blocks(bs: BlockSizes, T: int) -> tuple[int, int, int, int]:
+    "Blocks in multiples of 128 (the lane width), no longer than the padded sequence."
+    cap = lambda b: max(LANES, min(-(-b // LANES) * LANES, -(-T // LANES) * LANES))
+    return cap(bs.block_q), cap(bs.block_kv), cap(bs.bwd[0]), cap(bs.bwd[1])
+
+def _tpu_params(interpret: bool, n_parallel: int = 3):
+    if interpret: return None
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.CompilerParams(dimension_semantics=('parallel',) * n_parallel + ('arbitrary',))
+
+def _tpu_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+    (B, T, H, D), K = q.shape, k.shape[2]
+    bq, bk, _, _ = _tpu_blocks(bs, T)
+    b = max(bq, bk); bq, bk = (bq, bk) if b % bq == 0 and b % bk == 0 else (b, b)
+    qh, kh, vh, qs, ks = _tpu_layout(q, k, v, q_seg, kv_seg, b, b)       # one padding both block sizes divide
+    Tp = qh.shape[2]
+    sp = _tpu_specs(H // K, D, bq, bk, causal, 'q')
+    out, lse = pl.pallas_call(
+        partial(_tpu_fwd_kernel, scale=scale, causal=causal, bq=bq, bk=bk),
+        grid=(B, H, Tp // bq, Tp // bk),
+        in_specs=[sp['q'], sp['kv'], sp['kv'], sp['qs'], sp['ks']],
+        out_specs=[sp['q'], sp['row']],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype), jax.ShapeDtypeStruct((B, H, Tp, LANES), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                        pltpu.VMEM((bq, LANES), jnp.float32)],
+        interpret=interpret,
+        compiler_params=_tpu_params(interpret),
+        name='xgen_flash_tpu_fwd',
+    )(qh, kh, vh, qs, ks)
+    return out[:, :, :T].transpose(0, 2, 1, 3), lse[..., 0][:, :, :T]
+
+def _tpu_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+    (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
+    G = H // K
+    _, _, bq, bk = _tpu_blocks(bs, T)
+    b = max(bq, bk); bq, bk = (bq, bk) if b % bq == 0 and b % bk == 0 else (b, b)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)
+    qh, kh, vh, qs, ks = _tpu_layout(q, k, v, q_seg, kv_seg, b, b)
+    Tp = qh.shape[2]
+    doh = _pad_to(do, 1, b, 0).transpose(0, 2, 1, 3)
+    rows = lambda x, pad: jnp.repeat(_pad_to(x, 2, b, pad)[..., None], LANES, 3)   # [B, H, Tp, 128]
+    lse, delta = rows(lse, -NEG), rows(delta, 0)
+    kw = dict(scale=scale, causal=causal, bq=bq, bk=bk)
+    sk = _tpu_specs(G, D, bq, bk, causal, 'k')
+    dk, dv = pl.pallas_call(
+        partial(_tpu_dkv_kernel, **kw),
+        grid=(B, H, Tp // bk, Tp // bq),
+        in_specs=[sk['q'], sk['kv'], sk['kv'], sk['qs'], sk['ks'], sk['q'], sk['row'], sk['row']],
+        out_specs=[sk['dkv'], sk['dkv']],
+        out_shape=[jax.ShapeDtypeStruct((B, H, Tp, D), jnp.float32)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)],
+        interpret=interpret,
+        compiler_params=_tpu_params(interpret),
+        name='xgen_flash_tpu_dkv',
+    )(qh, kh, vh, qs, ks, doh, lse, delta)
+    sq = _tpu_specs(G, D, bq, bk, causal, 'q')
+    dq = pl.pallas_call(
+        partial(_tpu_dq_kernel, **kw),
+        grid=(B, H, Tp // bq, Tp // bk),
+        in_specs=[sq['q'], sq['kv'], sq['kv'], sq['qs'], sq['ks'], sq['q'], sq['row'], sq['row']],
+        out_specs=sq['q'],
+        out_shape=jax.ShapeDtypeStruct((B, H, Tp, D), q.dtype),
+        scratch_shapes=[pltpu.VMEM((bq, D), jnp.float32)],
+        interpret=interpret,
+        compiler_params=_tpu_params(interpret),
+        name='xgen_flash_tpu_dq',
+    )(qh, kh, vh, qs, ks, doh, lse, delta)
+    group_sum = lambda x: x[:, :, :S].reshape(B, K, G, S, D).sum(2).transpose(0, 2, 1, 3)
+    return dq[:, :, :T].transpose(0, 2, 1, 3), group_sum(dk).astype(k.dtype), group_sum(dv).astype(v.dtype)
+
+_KERNELS = {'gpu': (_fl_fwd, _fl_bwd), 'tpu': (_tpu_fwd, _tpu_bwd)}
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret, kernel):
+    return _KERNELS[kernel][0](q, k, v, q_seg, kv_seg, causal, bs, scale, interpret)[0]
+
+def _flash_vjp_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret, kernel):
+    out, lse = _KERNELS[kernel][0](q, k, v, q_seg, kv_seg, causal, bs, scale, interpret)
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
-def _flash_vjp_bwd(causal, bs, scale, interpret, res, do):
+def _flash_vjp_bwd(causal, bs, scale, interpret, kernel, res, do):
     q, k, v, q_seg, kv_seg, out, lse = res
-    return (*_fl_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret), None, None)
+    return (*_KERNELS[kernel][1](q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret), None, None)
 
 _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
@@ -423,14 +651,22 @@ def attention_flash(
     causal: bool = True,
     block_sizes: BlockSizes = BlockSizes(),
     interpret: bool | None = None,
+    kernel: str | None = None,
 ) -> jax.Array:
     """Our Pallas FlashAttention (forward and backward kernels). Self-attention, index-causal, segment ids >= 0.
-    `interpret` defaults to what the platform the program is lowered for needs: True on CPU (the kernels run as plain
-    JAX ops), False on GPU (Triton), so exporting for `cuda` from a CPU host lowers the real kernels."""
+    `kernel`: 'gpu' (Triton's layout: a program loops over the keys) or 'tpu' (Mosaic's: keys are a grid axis); by
+    default, the one for the platform the program is lowered for, 'gpu' on a CPU. `interpret` defaults likewise:
+    True on CPU (the kernels run as plain JAX ops), False on GPU and TPU, so exporting for `cuda` or `tpu` from a CPU
+    host lowers the real kernels."""
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'flash')
-    run = lambda i, *a: _flash(*a, causal, block_sizes, q.shape[-1] ** -0.5, i)
-    if interpret is not None: return run(interpret, q, k, v, q_seg, kv_seg)
-    return _per_platform(run, cpu=True, cuda=False, rocm=False)(q, k, v, q_seg, kv_seg)
+    if kernel not in (None, *_KERNELS):
+        raise ValueError(f"flash kernel must be one of {sorted(_KERNELS)}, not {kernel!r}")
+    run = lambda kern, i, *a: _flash(*a, causal, block_sizes, q.shape[-1] ** -0.5, i, kern)
+    args = (q, k, v, q_seg, kv_seg)
+    if interpret is not None and kernel is not None: return run(kernel, interpret, *args)
+    per = lambda kern, i: partial(run, kernel or kern, i if interpret is None else interpret)
+    return jax.lax.platform_dependent(*args, cpu=per('gpu', True), cuda=per('gpu', False), rocm=per('gpu', False),
+                                      tpu=per('tpu', False))
 
 # %% ../nbs/11_attention.ipynb #746c3c0c
 def _splash_kernel(seq_len: int, n_heads: int, causal: bool, bs: BlockSizes, interpret: bool):
@@ -485,7 +721,7 @@ def attention_splash(
 _ALL = {'cpu', 'gpu', 'tpu'}
 IMPLEMENTATIONS: dict = {'xla': attention_reference, 'blockwise': attention_blockwise, 'flash': attention_flash,
                          'splash': attention_splash}
-PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': {'cpu', 'gpu'}, 'splash': {'cpu', 'tpu'}}
+PLATFORMS = {'xla': _ALL, 'blockwise': _ALL, 'flash': _ALL, 'splash': {'cpu', 'tpu'}}
 
 def register_impl(name: str, fn, platforms=_ALL):
     "Make `fn` (called like `attention_reference`, plus `block_sizes=` when given) available as `impl=name`."

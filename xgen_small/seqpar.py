@@ -14,12 +14,12 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from xgen_small.attention import (
+    NEG,
+    BlockSizes,
     attention_defaults,
-    attention_mask,
-    attention_reference,
-    online_softmax_init,
-    online_softmax_result,
-    online_softmax_step,
+    blockwise_backward,
+    blockwise_forward,
+    merge_partials,
     register_impl,
 )
 
@@ -36,25 +36,93 @@ def _mesh_axes_for(mesh, B: int, K: int):
         raise ValueError(f"{K} key/value heads are not divisible by the tensor axis ({mesh.shape['tensor']})")
     return (batch or None), heads
 
-def _ring_local(q, k, v, qs, ks, qp, kp, *, causal):
-    "Per device: fold the K/V chunk it holds, pass it on around the ring, fold the next, `n` times."
+_RING_BLOCKS = BlockSizes(512, 512)
+
+def _pass_on(xs):
+    "Send each array to the next device around the `sequence` ring."
     n = jax.lax.axis_size('sequence')
-    B, T, H, D = q.shape; K = k.shape[2]
-    qg = q.reshape(B, T, K, H // K, D).astype(jnp.float32) * D ** -0.5
-    pv = lambda p, vc: jnp.einsum('btkgs,bskd->btkgd', p, vc)
-    carry = online_softmax_init(qg.shape)
-    kv = (k.astype(jnp.float32), v.astype(jnp.float32), ks, kp)
-    ring = [(i, (i + 1) % n) for i in range(n)]
-    for step in range(n):
-        kc, vc, ksc, kpc = kv
-        mask = attention_mask(qs, ksc, qp, kpc, causal)[:, :, None, None]
-        carry = online_softmax_step(carry, jnp.einsum('btkgd,bskd->btkgs', qg, kc), mask, vc, pv)
-        if step < n - 1: kv = tuple(jax.lax.ppermute(x, 'sequence', ring) for x in kv)
-    return online_softmax_result(carry)[0].reshape(B, T, H, D).astype(q.dtype)
+    return tuple(jax.lax.ppermute(x, 'sequence', [(i, (i + 1) % n) for i in range(n)]) for x in xs)
+
+def _repeat(loop: bool, step, carry):
+    """`carry = step(carry)`, once per ring hop (the axis size minus one): as a `fori_loop`, whose one body the
+    compiler plans memory for once, or unrolled. The CPU runtime needs the unrolled form: it may start a loop holding
+    collectives beside another collective of the same program, and with more simulated devices than threads they
+    wait on each other forever."""
+    hops = jax.lax.axis_size('sequence') - 1
+    if loop: return jax.lax.fori_loop(0, hops, lambda _, c: step(c), carry)
+    for _ in range(hops): carry = step(carry)
+    return carry
+
+def _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    B, T, H, D = q.shape
+    qf = q.astype(jnp.float32)
+    def fold(state, kv):
+        o_c, l_c = blockwise_forward(qf, kv[0], kv[1], qs, kv[2], causal=causal, block_sizes=bs, scale=D ** -0.5,
+                                     q_pos=qp, kv_pos=kv[3])
+        return merge_partials(*state, o_c, l_c)
+    state = jnp.zeros((B, T, H, D), jnp.float32), jnp.full((B, H, T), -NEG, jnp.float32)   # no key seen yet
+    # n - 1 times: fold the chunk held, pass it on; then fold the last
+    state, kv = _repeat(loop, lambda c: (fold(*c), _pass_on(c[1])), (state, (k, v, ks, kp)))
+    out, lse = fold(state, kv)
+    return out.astype(q.dtype), lse
+
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    return _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop)[0]
+
+def _ring_fwd(q, k, v, qs, ks, qp, kp, causal, bs, loop):
+    out, lse = _ring_forward(q, k, v, qs, ks, qp, kp, causal, bs, loop)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+def _ring_bwd(causal, bs, loop, res, do):
+    """The ring again: each K/V chunk travels with its gradient accumulators, gathering every device's contribution
+    (computed blockwise from the final output and log-sum-exp), and one last hop brings them home."""
+    q, k, v, qs, ks, qp, kp, out, lse = res
+    qf = q.astype(jnp.float32)
+    def grads(dq, kv, dkv):
+        dq_c, dk_c, dv_c = blockwise_backward(
+            qf, kv[0].astype(jnp.float32), kv[1].astype(jnp.float32), qs, kv[2], out, lse, do, causal=causal,
+            block_sizes=bs, scale=q.shape[-1] ** -0.5, q_pos=qp, kv_pos=kv[3]
+        )
+        return dq + dq_c, (dkv[0] + dk_c, dkv[1] + dv_c)
+    def step(c):
+        dq, kv, dkv = c
+        dq, dkv = grads(dq, kv, dkv)
+        return dq, _pass_on(kv), _pass_on(dkv)
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq, kv, dkv = _repeat(loop, step, (jnp.zeros(q.shape, jnp.float32), (k, v, ks, kp), zeros))
+    dq, dkv = grads(dq, kv, dkv)
+    dk, dv = _pass_on(dkv)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+def _ring_local(q, k, v, qs, ks, qp, kp, *, causal, loop):
+    "Per device: fold the K/V chunk it holds, pass it on around the ring, fold the next, `n` times."
+    return _ring(q, k, v, qs, ks, qp, kp, causal, _RING_BLOCKS, loop)
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _blockwise_by_position(q, k, v, qs, ks, qp, kp, causal):
+    return blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
+                             q_pos=qp, kv_pos=kp)[0]
+
+def _bp_fwd(q, k, v, qs, ks, qp, kp, causal):
+    out, lse = blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
+                                 q_pos=qp, kv_pos=kp)
+    return out, (q, k, v, qs, ks, qp, kp, out, lse)
+
+def _bp_bwd(causal, res, do):
+    q, k, v, qs, ks, qp, kp, out, lse = res
+    grads = blockwise_backward(q, k, v, qs, ks, out, lse, do, causal=causal, block_sizes=_RING_BLOCKS,
+                               scale=q.shape[-1] ** -0.5, q_pos=qp, kv_pos=kp)
+    return (*grads, None, None, None, None)
+
+_blockwise_by_position.defvjp(_bp_fwd, _bp_bwd)
 
 def _allgather_local(q, k, v, qs, ks, qp, kp, *, causal):
+    "Per device: gather every chunk's keys and values, then attend blockwise from this device's queries."
     gather = lambda x: jax.lax.all_gather(x, 'sequence', axis=1, tiled=True)
-    return attention_reference(q, gather(k), gather(v), qs, gather(ks), qp, gather(kp), causal=causal)
+    return _blockwise_by_position(q, gather(k), gather(v), qs, gather(ks), qp, gather(kp), causal)
 
 def _sequence_parallel(local, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal):
     mesh = jax.sharding.get_abstract_mesh()
@@ -76,10 +144,15 @@ def _sequence_parallel(local, q, k, v, q_segment_ids, kv_segment_ids, q_position
     return f(q, k, v, qs.astype(jnp.int32), ks.astype(jnp.int32), qp.astype(jnp.int32), kp.astype(jnp.int32))
 
 def attention_ring(
-    q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True, **_
+    q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True,
+    loop: bool | None = None, **_
 ):
-    "Ring attention over the mesh's `sequence` axis (K/V chunks passed around with ppermute)."
-    return _sequence_parallel(_ring_local, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal)
+    """Ring attention over the mesh's `sequence` axis: K/V chunks passed around with ppermute, each folded in
+    blockwise. `loop`: the hops as a loop (default on TPU and GPU) or unrolled (default on CPU; see `_repeat`)."""
+    run = lambda loop, *a: _sequence_parallel(partial(_ring_local, loop=loop), *a, causal)
+    args = (q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
+    if loop is not None: return run(loop, *args)
+    return jax.lax.platform_dependent(*args, cpu=partial(run, False), default=partial(run, True))
 
 def attention_allgather(
     q, k, v, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, *, causal=True, **_
