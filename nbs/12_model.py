@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from xgen_small.attention import BlockSizes, attention
+from xgen_small.attention import BlockSizes, attention, blockwise_forward
 from xgen_small.config import ModelConfig
 from xgen_small.layers import MLP, RMSNorm, Rope, constrain, dense, logical_param
 
@@ -129,9 +129,12 @@ test_fail(lambda: KVCache.create(get_preset('tiny'), 1, 4096), contains='max_seq
 # logical axis names can say `q_heads` / `kv_heads`: tensor parallelism (if ever wanted) shards heads,
 # FSDP shards `embed`. RoPE rotates queries and keys by their positions; with a cache the new keys
 # are written at `index` first, then the queries attend over every slot. The attention itself goes
-# through notebook 11's entry point with the configured implementation (`attention_impl`), except when
-# decoding against a cache: there a handful of queries meet many cached keys, and the reference path
-# is the one that handles that shape.
+# through notebook 11's entry point with the configured implementation (`attention_impl`), except against a
+# cache, where queries and keys differ in length and the causal mask comes from positions. A prefill chunk
+# (many queries against every slot) goes through `blockwise_forward` by position, so only `[block, block]` tiles
+# of scores exist and tiles of empty or future slots are skipped: memory grows linearly with the prompt. One new
+# token's scores are `[1, slots]`, already linear, and the reference path computes them fastest. A model configured
+# with `attention_impl='xla'` uses the reference path everywhere, cache included (the quadratic baseline).
 
 # %%
 #| export
@@ -166,10 +169,14 @@ class Attention(nnx.Module):
             )
             k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).swapaxes(1, 2) for c in (ks, vs))
             cache, kv_segment_ids, kv_positions = cache._replace(k=ks, v=vs), cache.segment_ids, cache.positions
-        # kernels compute self-attention over the whole sequence; decoding against a cache uses the reference path
-        impl = self.impl if cache is None else 'xla'
-        out = attention(q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids, positions, kv_positions,
-                        impl=impl, block_sizes=self.blocks)
+        args = (q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids)
+        if cache is None:
+            out = attention(*args, positions, kv_positions, impl=self.impl, block_sizes=self.blocks)
+        elif q.shape[1] > 1 and self.impl != 'xla':   # a prefill chunk: [block, block] tiles, causal by position
+            out = blockwise_forward(*args, causal=True, block_sizes=self.blocks, scale=q.shape[-1] ** -0.5,
+                                    q_pos=positions, kv_pos=kv_positions)[0]
+        else:   # one new token: [1, slots] scores, small, and fastest by the reference path (or 'xla' asked for)
+            out = attention(*args, positions, kv_positions, impl='xla')
         return dense(out, self.o[...].astype(dt), n_in=2), cache
 
 

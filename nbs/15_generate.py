@@ -57,6 +57,7 @@ from xgen_small.model import Decoder, KVCache, check_tokens
 from fastcore.test import test_eq, test_close, test_fail
 import time
 from xgen_small.config import get_preset
+from xgen_small.model import model_with_params, params_of
 
 
 # %% [markdown]
@@ -157,8 +158,8 @@ test_fail(lambda: Sampling(temperature=-1.0), contains='temperature')
 # a `[prompt, prompt]` score matrix per head: for the tiny model a 32K-token prompt compiles to about 33 GiB of
 # temporary memory on a CPU, which is why no long-context evaluation could run. With `prefill_chunk=C`, the prompt
 # goes in `C` tokens at a time, each chunk attending to the cache written so far (its keys are the cache's slots,
-# masked by segment and position exactly as in one pass), so the scores are `[C, prompt]` and memory grows linearly
-# with the prompt. The chunks run in a `jax.lax.fori_loop`, one compiled body for all of them; a prompt whose length
+# masked by segment and position exactly as in one pass) in `[512, 512]` tiles (blockwise by position, notebook 12),
+# so no score matrix larger than a tile exists and memory grows linearly with the prompt. The chunks run in a `jax.lax.fori_loop`, one compiled body for all of them; a prompt whose length
 # is not a multiple of `C` starts with one shorter chunk. The result is the same computation reordered: the tests
 # below check that chunked and one-pass prefill produce the same tokens, and measure the memory.
 
@@ -364,15 +365,19 @@ for row, full in zip(gs.tokens, g.tokens): test_eq(row, full[:len(row)])
 
 # %% [markdown]
 # Chunked prefill against one pass, on prompts of several lengths (one longer than the chunk by less than a chunk,
-# one an exact multiple), greedy and sampled:
+# one an exact multiple), greedy and sampled, and both against the same weights with the reference attention
+# everywhere (`attention_impl='xla'`):
 
 # %%
+reference = model_with_params(cfg.replace(attention_impl='xla'), params_of(model))
 long_prompts = [list(range(3, 203)), list(range(40, 97)), [11] * 128]
 for sampling in (Sampling(), Sampling(temperature=0.9, top_p=0.9)):
     one_pass = generate(model, long_prompts, 10, sampling=sampling, seed=3, prefill_chunk=4096)
     chunked = generate(model, long_prompts, 10, sampling=sampling, seed=3, prefill_chunk=64)
+    plain = generate(reference, long_prompts, 10, sampling=sampling, seed=3, prefill_chunk=64)
     test_eq(chunked.tokens, one_pass.tokens)
-print('chunks of 64 and one pass agree:', chunked.tokens[0])
+    test_eq(plain.tokens, one_pass.tokens)
+print('chunks of 64, one pass and the reference attention agree:', chunked.tokens[0])
 
 # %% [markdown]
 # and the memory a 32K-token prompt needs, from the compiled program (`memory_analysis`, nothing is run): the tiny
@@ -389,13 +394,18 @@ def prefill_memory_gib(model: Decoder, length: int, prefill_chunk: int = 1024) -
     return lowered.compile().memory_analysis().temp_size_in_bytes / 2**30
 
 # %%
-prefill_gib = lambda L, c: prefill_memory_gib(Decoder(get_preset('tiny', max_seq_len=L + 16), rngs=nnx.Rngs(0)), L, c)
-mem = {(L, c): prefill_gib(L, c) for L in (8192, 32768) for c in (L, 1024)}
-for (L, c), g in mem.items(): print(f'{L:>6} tokens, prefill {"in one pass" if c == L else f"in chunks of {c}":>16}: {g:6.2f} GiB')
+def prefill_gib(L, chunk, impl='auto'):
+    return prefill_memory_gib(Decoder(get_preset('tiny', max_seq_len=L + 16, attention_impl=impl), rngs=nnx.Rngs(0)), L, chunk)
+runs = {'reference attention, one pass': ('xla', None), 'blockwise, one pass': ('auto', None),
+        'blockwise, chunks of 1024': ('auto', 1024)}
+mem = {(name, L): prefill_gib(L, chunk or L, impl) for L in (8192, 32768) for name, (impl, chunk) in runs.items()}
+for (name, L), g in mem.items(): print(f'{L:>6} tokens, {name:>30}: {g:6.3f} GiB')
 
 # %%
-assert mem[(32768, 1024)] < 2 and mem[(32768, 32768)] > 10 * mem[(32768, 1024)]
-assert mem[(32768, 1024)] < 5 * mem[(8192, 1024)]          # 4x the length, at most ~4x the memory: linear, not quadratic
+ref, one, chunked = ((mem[(n, 8192)], mem[(n, 32768)]) for n in runs)
+assert chunked[1] < 1.0 and ref[1] > 100 * chunked[1]      # the target: at most 1 GiB at 32K tokens
+for short, long in (one, chunked): assert long < 5 * short  # 4x the length, at most ~4x the memory: linear
+assert ref[1] > 12 * ref[0]                                 # the reference's [prompt, prompt] scores: quadratic
 
 # %% [markdown]
 # ## Speed

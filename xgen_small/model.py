@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import BlockSizes, attention
+from .attention import BlockSizes, attention, blockwise_forward
 from .config import ModelConfig
 from .layers import MLP, RMSNorm, Rope, constrain, dense, logical_param
 
@@ -75,10 +75,14 @@ class Attention(nnx.Module):
             )
             k_all, v_all = (jax.lax.dynamic_index_in_dim(c, layer, keepdims=False).swapaxes(1, 2) for c in (ks, vs))
             cache, kv_segment_ids, kv_positions = cache._replace(k=ks, v=vs), cache.segment_ids, cache.positions
-        # kernels compute self-attention over the whole sequence; decoding against a cache uses the reference path
-        impl = self.impl if cache is None else 'xla'
-        out = attention(q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids, positions, kv_positions,
-                        impl=impl, block_sizes=self.blocks)
+        args = (q, k_all.astype(dt), v_all.astype(dt), segment_ids, kv_segment_ids)
+        if cache is None:
+            out = attention(*args, positions, kv_positions, impl=self.impl, block_sizes=self.blocks)
+        elif q.shape[1] > 1 and self.impl != 'xla':   # a prefill chunk: [block, block] tiles, causal by position
+            out = blockwise_forward(*args, causal=True, block_sizes=self.blocks, scale=q.shape[-1] ** -0.5,
+                                    q_pos=positions, kv_pos=kv_positions)[0]
+        else:   # one new token: [1, slots] scores, small, and fastest by the reference path (or 'xla' asked for)
+            out = attention(*args, positions, kv_positions, impl='xla')
         return dense(out, self.o[...].astype(dt), n_in=2), cache
 
 # %% ../nbs/12_model.ipynb #2f6c47d8
