@@ -193,7 +193,8 @@ def param_specs(model, rules=DEFAULT_RULES) -> nnx.State:
     "PartitionSpec of every parameter of `model`, from its logical axis names."
     with nn.logical_axis_rules(rules): return nnx.get_partition_spec(nnx.state(model, nnx.Param))
 
-def _check_divisible(path, shape, spec, mesh):
+def check_divisible(path, shape, spec, mesh):
+    "Raise, naming the parameter, if a dimension of `shape` does not split evenly over its mesh axes in `spec`."
     for dim, axes in zip(shape, spec):
         if axes is None: continue
         n = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
@@ -208,7 +209,7 @@ def shard_model(model, mesh, rules=DEFAULT_RULES):
     specs = param_specs(model, rules)
     for (path, var), (_, spec) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)), nnx.to_flat_state(specs)):
         spec = spec.get_value() if hasattr(spec, 'get_value') else spec
-        _check_divisible(path, var.shape, spec, mesh)
+        check_divisible(path, var.shape, spec, mesh)
         var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
     return model
 

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from xgen_small.config import ModelConfig
 from xgen_small.model import Decoder, abstract_model
@@ -251,13 +252,48 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / 'model.safetensors').exists(): return [path / 'model.safetensors']
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
-def load_hf_checkpoint(path, **config_overrides) -> Decoder:
-    "A `Decoder` from a Llama-format checkpoint directory (`config.json` + safetensors); overrides apply to the config."
+def lazy_state_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], tuple]:
+    """Our parameters as `(shape, read)` pairs: `read(index)` returns the part of the parameter at a tuple of slices,
+    in `cfg.param_dtype`, reading only that part of the (memory-mapped) checkpoint tensors. The layout changes of
+    the name map are numpy views (transposes and reshapes that split an axis), so slicing them reads just the
+    bytes of the slice."""
+    _check_tensors(cfg, tensors)
+    dt = np.dtype(cfg.param_jnp_dtype)
+    out = {}
+    for name, (path, fn, _) in _top_map(cfg).items():
+        view = fn(tensors[name])
+        out[path] = (view.shape, lambda idx, view=view: np.asarray(view[idx], dt))
+    for suffix, (path, fn, _) in _layer_map(cfg).items():
+        names = [f'model.layers.{i}.{suffix}' for i in range(cfg.n_layers)]
+        one = fn(tensors[names[0]]).shape
+        def read(idx, names=names, fn=fn):
+            layers = range(cfg.n_layers)[idx[0]]
+            return np.stack([np.asarray(fn(tensors[names[i]])[idx[1:]], dt) for i in layers])
+        out[('layers', *path)] = ((cfg.n_layers, *one), read)
+    return out
+
+def load_hf_checkpoint(path, *, mesh=None, rules=None, **config_overrides) -> Decoder:
+    """A `Decoder` from a Llama-format checkpoint directory (`config.json` + safetensors); overrides apply to the
+    config. With `mesh` (and the logical-axis `rules` of notebook 13, by default its defaults), every parameter is built
+    directly in its shards: each device's part is read from the memory-mapped files and converted on its own, so no
+    full copy of the model is ever made on the host or on any device."""
     path = Path(path)
     cfg = ModelConfig.from_hf(path, **config_overrides)
     tensors = {}
     for f in _weight_files(path): tensors.update(read_safetensors(f))
-    return model_from_state(cfg, state_from_hf(cfg, tensors))
+    if mesh is None: return model_from_state(cfg, state_from_hf(cfg, tensors))
+    from xgen_small.sharding import DEFAULT_RULES, check_divisible, param_specs
+    lazy = lazy_state_from_hf(cfg, tensors)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    specs = dict(nnx.to_flat_state(param_specs(abstract_model(cfg), rules or DEFAULT_RULES)))
+    flat = []
+    for p, var in nnx.to_flat_state(abstract):
+        shape, read = lazy[p]
+        spec = specs[p].get_value() if hasattr(specs[p], 'get_value') else specs[p]
+        check_divisible(p, shape, spec, mesh)
+        arr = jax.make_array_from_callback(shape, NamedSharding(mesh, spec), read)
+        flat.append((p, var.replace(arr)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 # %% [markdown]
@@ -323,6 +359,32 @@ test_close(reloaded(tokens), model(tokens), eps=1e-6)
 bf = load_hf_checkpoint(save_hf_checkpoint(model, tmp / 'tiny-bf16', dtype='bfloat16'))
 test_eq(bf.embed[...].dtype, jnp.float32)
 test_close(bf(tokens), model(tokens), eps=0.05)
+
+# %% [markdown]
+# ## Straight onto a mesh
+#
+# A 9B checkpoint in bfloat16 is 18 GB; building it on the host in float32 and then splitting it over the devices
+# would need several times that. With `mesh=`, `load_hf_checkpoint` builds every parameter in its shards
+# (`jax.make_array_from_callback`): each device asks for its part, given as slices of our layout, and gets exactly
+# those bytes read from the memory-mapped safetensors files, converted to the configured dtype. The name map's layout
+# changes are numpy views (a transpose, and a reshape that splits the heads out of an axis), so slicing them reads
+# nothing else. Host memory then stays at about one shard of one parameter, on any mesh the rules of notebook 13
+# fit. On the devices this notebook sees:
+
+# %%
+from xgen_small.sharding import MeshConfig, make_mesh
+mesh = make_mesh(MeshConfig(fsdp=-1))
+sharded = load_hf_checkpoint(out_dir, mesh=mesh)
+up = sharded.layers.mlp.up.get_value()
+print(f'{dict(mesh.shape)}: layers.mlp.up {up.shape} as {up.sharding.spec}, {up.addressable_shards[0].data.shape} on '
+      f'each device')
+
+# %%
+test_close(jax.jit(lambda m, t: m(t))(sharded, tokens), model(tokens), eps=1e-5)
+test_eq(up.addressable_shards[0].data.shape[1], cfg.d_model // mesh.shape['fsdp'])
+tensors = {name: a for f in _weight_files(out_dir) for name, a in read_safetensors(f).items()}
+for suffix, (_, to_ours, _) in _layer_map(cfg).items():              # views: no copy of the mapped file
+    test_eq(np.shares_memory(to_ours(tensors[f'model.layers.0.{suffix}']), tensors[f'model.layers.0.{suffix}']), True)
 
 # %% [markdown]
 # ## Bad checkpoints

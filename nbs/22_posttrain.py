@@ -53,7 +53,7 @@ from xgen_small.model import Decoder, model_with_params, params_of
 from xgen_small.schedules import LRPhase
 from xgen_small.sharding import MeshConfig
 from xgen_small.tasks import extract_answer
-from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
+from xgen_small.tokenizer import Tokenizer, render_chat
 from xgen_small.train import GeneratedBatches, TrainConfig, fit
 
 # %%
@@ -196,7 +196,7 @@ def chat(model: Decoder, tok: Tokenizer, questions: Sequence[str | list], max_ne
         render_chat(tok, [dict(role='user', content=q)] if isinstance(q, str) else q, add_generation_prompt=True).ids
         for q in questions
     ]
-    out = generate(model, prompts, max_new_tokens, sampling=sampling, stop_tokens=[tok.token_id(END_TURN)], seed=seed)
+    out = generate(model, prompts, max_new_tokens, sampling=sampling, stop_tokens=tok.turn_end_ids, seed=seed)
     return [tok.decode(t) for t in out.tokens]
 
 def _reply_ok(conv: dict, reply: str) -> bool:

@@ -74,7 +74,7 @@ from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params, token_logps
 from xgen_small.posttrain import PostConfig, PostResult, epoch_indices, padded_rows, post_train
 from xgen_small.tasks import arithmetic_problem, draw_in_split
-from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
+from xgen_small.tokenizer import Tokenizer, render_chat
 
 # %% [markdown]
 # ## The losses, as pure functions
@@ -179,7 +179,7 @@ def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward:
     scored by `reward(text, item)`; best vs worst when they differ, nothing when all score the same."""
     prompts = [render_chat(tok, it['prompt'], add_generation_prompt=True).ids for it in items for _ in range(n_samples)]
     out = generate(model, prompts, max_new_tokens, sampling=Sampling(temperature=temperature),
-                   stop_tokens=[tok.token_id(END_TURN)], seed=seed)
+                   stop_tokens=tok.turn_end_ids, seed=seed)
     pairs = []
     for i, it in enumerate(items):
         texts = [tok.decode(t) for t in out.tokens[i * n_samples:(i + 1) * n_samples]]

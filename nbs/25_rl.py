@@ -88,7 +88,7 @@ from xgen_small.generate import Sampling, generate
 from xgen_small.model import Decoder, model_with_params, token_logps
 from xgen_small.posttrain import PostConfig, PostResult, padded_rows, post_train
 from xgen_small.tasks import check_tasks, task_rewards
-from xgen_small.tokenizer import END_TURN, Tokenizer, render_chat
+from xgen_small.tokenizer import Tokenizer, render_chat
 
 
 # %%
@@ -225,11 +225,10 @@ _sampled_logps_jit = jax.jit(_sampled_logps)
 
 def rollout(model: Decoder, tok: Tokenizer, tasks: Sequence[dict], cfg: RLConfig, seed: int) -> dict:
     "Sample `group_size` completions per task and score them: `{'texts', 'tokens', 'rewards' [tasks, G]}`."
-    G, end = cfg.group_size, tok.token_id(END_TURN)
+    G = cfg.group_size
     prompts = [render_chat(tok, t['prompt'], add_generation_prompt=True).ids for t in tasks for _ in range(G)]
-    out = generate(
-        model, prompts, cfg.max_new_tokens, sampling=Sampling(temperature=cfg.temperature), stop_tokens=[end], seed=seed
-    )
+    out = generate(model, prompts, cfg.max_new_tokens, sampling=Sampling(temperature=cfg.temperature),
+                   stop_tokens=tok.turn_end_ids, seed=seed)
     tokens = [t + ([s] if s is not None else []) for t, s in zip(out.tokens, out.stop_tokens)]
     texts = [tok.decode(t) for t in out.tokens]
     rewards = np.array(task_rewards([tasks[i // G] for i in range(len(texts))], texts, cfg.reward_timeout)).reshape(

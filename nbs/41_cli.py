@@ -70,7 +70,12 @@ from fastcore.test import test_eq, test_fail
 # stages from a pre-trained run, and `xgen-small eval --run RUN --tokenizer TOK [--lengths 512,1024 --tasks ...]`
 # prints notebook 30's task x length table (and writes JSON, Markdown and a heatmap with `--out`).
 # `xgen-small sft|dpo|rl --init RUN|PRESET --tokenizer TOK --out DIR [--config cfg.json] [--data JSONL...]` runs one
-# post-training stage (notebooks 23-25) through the same training loop.
+# post-training stage (notebooks 23-25) through the same training loop, and
+# `xgen-small chat --run RUN --tokenizer TOK --message "..."` replies with a trained model.
+#
+# `eval` and `chat` also take a released checkpoint directly: `--hf DIR` loads a Llama-format checkpoint
+# (`config.json` and safetensors, notebook 16) with its own tokenizer (`tokenizer.json`) and chat template
+# (`tokenizer_config.json`), notebook 07's `HFTokenizer`.
 #
 # Config fields are overridden from the command line with `--set field=value` (dotted for nested fields), read as
 # the type of the value they replace, so a typo or a bad value fails with the field's name: it is
@@ -127,6 +132,32 @@ test_eq(r['tokens'], demo(batch=2, max_new_tokens=8)['tokens'])  # deterministic
 
 # %%
 #| export
+def _model_source(p, run_help: str) -> None:
+    "`--run RUN --tokenizer TOK` (our checkpoints) or `--hf DIR` (a Llama-format checkpoint with its tokenizer)."
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--run', help=run_help)
+    src.add_argument('--hf', metavar='DIR', help='a Hugging Face checkpoint: config.json, safetensors, tokenizer.json '
+                     'and tokenizer_config.json (its chat template)')
+    p.add_argument('--tokenizer', help="a sentencepiece model, or a directory with tokenizer.json (with --hf: the "
+                   "checkpoint's own, by default)")
+
+def _load_model_and_tokenizer(args):
+    "The model and tokenizer that `_model_source`'s arguments name; a clear error when the tokenizer is missing."
+    from xgen_small.checkpoint import load_run
+    from xgen_small.hf import load_hf_checkpoint
+    from xgen_small.tokenizer import load_tokenizer
+    if args.hf:
+        model = load_hf_checkpoint(args.hf)
+        tok = load_tokenizer(args.tokenizer or args.hf)
+    else:
+        if not args.tokenizer: raise ValueError("--run needs --tokenizer (the model the run was trained with)")
+        model, _ = load_run(args.run)
+        tok = load_tokenizer(args.tokenizer)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
+                         f"({model.cfg.vocab_size}): not the tokenizer this model was trained with")
+    return model, tok
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='xgen-small', description='xGen-small pipeline: curate, train, extend, post-train, evaluate.'
@@ -233,8 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         'eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)'
     )
-    v.add_argument('--run', required=True, help='run directory (pre-training, or one stage of an extension)')
-    v.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
+    _model_source(v, 'run directory (pre-training, or one stage of an extension)')
     v.add_argument('--tasks', default='niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe')
     v.add_argument('--lengths', default='512,1024,2048', help='comma-separated lengths in tokens')
     v.add_argument('--n', type=int, default=10, help='samples per task and length')
@@ -244,6 +274,11 @@ def _parser() -> argparse.ArgumentParser:
         '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
     )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
+    c = sub.add_parser('chat', help="reply to messages with a trained run or a Hugging Face checkpoint's own template")
+    _model_source(c, 'run directory of any stage')
+    c.add_argument('--message', action='append', required=True, help='a user message (repeat for several prompts)')
+    c.add_argument('--max-new-tokens', type=int, default=64)
+    c.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
     for name, what, data_help in (
             ('sft', 'supervised fine-tuning on chat conversations, assistant tokens only (notebook 23)',
              "JSONL of {'messages': [...]} (default: the generated instruction set, --n conversations)"),
@@ -387,18 +422,15 @@ def _eval_cmd(args) -> None:
     from pathlib import Path
 
     from xgen_small import ruler
-    from xgen_small.checkpoint import load_run
     from xgen_small.data.loader import TokenStore
     from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
-    from xgen_small.tokenizer import Tokenizer
     tasks = [t for t in args.tasks.split(',') if t]
     bad = [t for t in tasks if t not in ruler.TASKS]
     if bad: raise ValueError(f"unknown task(s) {bad}; expected some of {list(ruler.TASKS)}")
     try: lengths = [int(x) for x in args.lengths.split(',') if x]
     except ValueError: raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
-    model, _ = load_run(args.run)
+    model, tok = _load_model_and_tokenizer(args)
     model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
-    tok = Tokenizer(args.tokenizer)
     rows = evaluate_ruler(
         model, tok, tasks, lengths, n=args.n, seed=args.seed, cfg=ruler.RulerConfig(digits=args.digits)
     )
@@ -415,6 +447,13 @@ def _eval_cmd(args) -> None:
         matplotlib.use('Agg')
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
         print(f'results in {d}')
+
+def _chat_cmd(args) -> None:
+    from xgen_small.posttrain import chat
+    model, tok = _load_model_and_tokenizer(args)
+    sampling = Sampling(temperature=args.temperature) if args.temperature > 0 else Sampling()
+    for q, reply in zip(args.message, chat(model, tok, args.message, args.max_new_tokens, sampling=sampling)):
+        print(f'> {q}\n{reply}')
 
 def _demo_cmd(args) -> None:
     demo(args.preset, args.overrides, args.batch, args.prompt_len, args.max_new_tokens,
@@ -448,7 +487,7 @@ def _pretrain_cmd(args) -> None:
     else: print(f'nothing to do: the run in {args.out} is already at its last step')
 
 COMMANDS = dict(demo=_demo_cmd, presets=_presets_cmd, curate=_curate_cmd, pretrain=_pretrain_cmd, run=_run_cmd,
-                extend=_extend_cmd, eval=_eval_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
+                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `xgen-small` command line; returns the exit status: 0, 2 for a bad configuration or input (a message
@@ -476,6 +515,35 @@ test_eq(main(['demo', '--set', 'n_heads=3']), 2)      # invalid config: a clear 
 # %%
 test_eq(main(['run', '--preset', 'xgen_9b', '--dry-run']), 0)
 test_eq(main(['run', '--set', 'eval.lengths=512,8192', '--dry-run']), 2)     # beyond the extended model's 4K tokens
+
+# %% [markdown]
+# A released checkpoint, in miniature: a Llama-format directory (`config.json`, safetensors) with a byte-level BPE
+# `tokenizer.json` and Llama 3's chat template, all written here (a real one is downloaded the same shape). `--hf`
+# loads weights, tokenizer and template together; the reply is a random model's, the prompt is exactly what
+# `transformers` would render (`tests/test_cli.py` checks that):
+
+# %%
+import json, tempfile
+from pathlib import Path
+from tokenizers import Tokenizer as HFBackend, decoders, models, pre_tokenizers, trainers
+from xgen_small.data.sample import load_sample
+from xgen_small.hf import save_hf_checkpoint
+ckpt = Path(tempfile.mkdtemp()) / 'llama3_style'; ckpt.mkdir()
+bpe = HFBackend(models.BPE())
+bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+bpe.train_from_iterator([d['text'] for d in load_sample()[:200]], trainers.BpeTrainer(
+    vocab_size=600, special_tokens=['<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>'],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+bpe.save(str(ckpt / 'tokenizer.json'))
+(ckpt / 'tokenizer_config.json').write_text(json.dumps(dict(
+    bos_token='<|begin_of_text|>', eos_token='<|eot_id|>',
+    chat_template="{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>"
+                  "\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+                  "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")))
+save_hf_checkpoint(Decoder(get_preset('tiny', vocab_size=600, max_seq_len=512), rngs=nnx.Rngs(0)), ckpt)
+test_eq(main(['chat', '--hf', str(ckpt), '--message', 'What is 6 * 7?', '--max-new-tokens', '8']), 0)
+test_eq(main(['eval', '--hf', str(ckpt), '--tasks', 'niah_single', '--lengths', '256', '--n', '2']), 0)
+test_eq(main(['eval', '--run', str(ckpt), '--tasks', 'niah_single']), 2)        # a run needs its --tokenizer
 
 # %%
 #| hide

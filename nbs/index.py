@@ -86,7 +86,9 @@ if 'google.colab' in sys.modules:
 # ## A first look
 #
 # The decoder is Llama-shaped, so it also loads released Llama-format checkpoints
-# (`xgen_small.hf.load_hf_checkpoint`). Here, a fresh tiny model continues two prompts of token ids:
+# (`xgen_small.hf.load_hf_checkpoint`) with their own tokenizer and chat template (`xgen_small.tokenizer.HFTokenizer`):
+# `xgen-small chat --hf DIR --message "..."` and `xgen-small eval --hf DIR` take such a directory as it is.
+# Here, a fresh tiny model continues two prompts of token ids:
 
 # %%
 from flax import nnx

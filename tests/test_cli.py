@@ -78,3 +78,34 @@ def test_run_bad_input_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'ship'" in capsys.readouterr().err
     assert "give a JSON object" in err('--set', 'sft_shares=math')
     assert not (tmp_path / 'x').exists()             # nothing was written
+
+
+def test_eval_and_chat_take_a_hugging_face_checkpoint(tmp_path):
+    "A Llama-format checkpoint with its own tokenizer and chat template, built here: `--hf DIR` is all it takes."
+    from flax import nnx
+    from hf_files import write_llama3_style_tokenizer
+    from transformers import AutoTokenizer
+
+    from xgen_small.config import get_preset
+    from xgen_small.data.sample import load_sample
+    from xgen_small.hf import save_hf_checkpoint
+    from xgen_small.model import Decoder
+    from xgen_small.posttrain import chat
+    from xgen_small.tokenizer import load_tokenizer, render_chat
+    d = write_llama3_style_tokenizer(tmp_path / 'ckpt', [x['text'] for x in load_sample()[:200]], vocab_size=600)
+    model = Decoder(get_preset('tiny', vocab_size=600, max_seq_len=512), rngs=nnx.Rngs(0))
+    save_hf_checkpoint(model, d)
+    r = _run('eval', '--hf', str(d), '--tasks', 'niah_single', '--lengths', '256', '--n', '2')
+    assert r.returncode == 0, r.stderr
+    assert 'niah_single' in r.stdout
+    r = _run('chat', '--hf', str(d), '--message', 'What is 6 * 7?', '--max-new-tokens', '5')
+    assert r.returncode == 0, r.stderr
+    tok = load_tokenizer(d)
+    assert r.stdout.splitlines()[1] == chat(model, tok, ['What is 6 * 7?'], 5)[0]    # the same reply as in Python
+    msgs = [dict(role='user', content='What is 6 * 7?')]
+    assert render_chat(tok, msgs, add_generation_prompt=True).ids == list(
+        AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, add_generation_prompt=True)['input_ids'])
+    r = _run('eval', '--run', str(d), '--tasks', 'niah_single')
+    assert r.returncode == 2 and 'needs --tokenizer' in r.stderr
+    r = _run('chat', '--message', 'hi')
+    assert r.returncode == 2 and 'one of the arguments --run --hf is required' in r.stderr

@@ -81,3 +81,26 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps(cfg | {'num_hidden_layers': 4}))
     with pytest.raises(CheckpointError, match='missing tensor'):
         load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize('mesh_cfg', [dict(fsdp=8), dict(data=2, fsdp=2, tensor=2)])
+def test_checkpoint_streams_onto_a_mesh(tmp_path, mesh_cfg):
+    "A transformers checkpoint loaded straight into FSDP shards on 8 devices: same logits, each device its part only."
+    import jax
+
+    from xgen_small.hf import _layer_map, _weight_files, read_safetensors
+    from xgen_small.sharding import MeshConfig, make_mesh
+    hf = _hf_model(CONFIGS['gqa'])
+    hf.save_pretrained(tmp_path, max_shard_size='200KB')                # several safetensors files
+    mesh = make_mesh(MeshConfig(**mesh_cfg))
+    ours = load_hf_checkpoint(tmp_path, mesh=mesh, compute_dtype='float32')
+    err = np.max(np.abs(np.asarray(jax.jit(lambda m, t: m(t))(ours, TOKENS)) - _hf_logits(hf, TOKENS)))
+    assert err < 1e-4, f'max |logit difference| {err:.2e}'
+    up = ours.layers.mlp.up.get_value()
+    assert up.sharding.mesh.shape == mesh.shape
+    assert up.addressable_shards[0].data.size * mesh.shape['fsdp'] * mesh.shape['tensor'] == up.size
+    # the name map's layout changes are views of the memory-mapped tensors: a shard's slice reads only its bytes
+    tensors = {k: v for f in _weight_files(tmp_path) for k, v in read_safetensors(f).items()}
+    for suffix, (_, to_ours, _) in _layer_map(ours.cfg).items():
+        t = tensors[f'model.layers.1.{suffix}']
+        assert np.shares_memory(to_ours(t), t), suffix

@@ -11,8 +11,8 @@ import pytest
 NBS = Path(__file__).resolve().parents[1] / 'nbs'
 
 
-MESH_NOTEBOOKS = ['13_sharding', '14_seqpar', '17_checkpoint', '18_train', '20_long_context', '22_posttrain', '30_eval',
-                  '39_report', '40_pipeline', '41_cli', '45_full_scale']
+MESH_NOTEBOOKS = ['13_sharding', '14_seqpar', '16_hf', '17_checkpoint', '18_train', '20_long_context', '22_posttrain',
+                  '30_eval', '39_report', '40_pipeline', '41_cli', '45_full_scale']
 
 
 def test_no_other_notebook_depends_on_the_device_count():

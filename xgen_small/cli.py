@@ -47,6 +47,32 @@ def demo(preset: str = 'tiny', overrides: list[str] = (), batch: int = 4, prompt
     return dict(prompts=prompts, tokens=out.tokens, tokens_per_s=n_new / (t2 - t1))
 
 # %% ../nbs/41_cli.ipynb #c2288a69
+def _model_source(p, run_help: str) -> None:
+    "`--run RUN --tokenizer TOK` (our checkpoints) or `--hf DIR` (a Llama-format checkpoint with its tokenizer)."
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument('--run', help=run_help)
+    src.add_argument('--hf', metavar='DIR', help='a Hugging Face checkpoint: config.json, safetensors, tokenizer.json '
+                     'and tokenizer_config.json (its chat template)')
+    p.add_argument('--tokenizer', help="a sentencepiece model, or a directory with tokenizer.json (with --hf: the "
+                   "checkpoint's own, by default)")
+
+def _load_model_and_tokenizer(args):
+    "The model and tokenizer that `_model_source`'s arguments name; a clear error when the tokenizer is missing."
+    from xgen_small.checkpoint import load_run
+    from xgen_small.hf import load_hf_checkpoint
+    from xgen_small.tokenizer import load_tokenizer
+    if args.hf:
+        model = load_hf_checkpoint(args.hf)
+        tok = load_tokenizer(args.tokenizer or args.hf)
+    else:
+        if not args.tokenizer: raise ValueError("--run needs --tokenizer (the model the run was trained with)")
+        model, _ = load_run(args.run)
+        tok = load_tokenizer(args.tokenizer)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer's vocabulary ({tok.vocab_size}) is larger than the model's "
+                         f"({model.cfg.vocab_size}): not the tokenizer this model was trained with")
+    return model, tok
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='xgen-small', description='xGen-small pipeline: curate, train, extend, post-train, evaluate.'
@@ -153,8 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         'eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)'
     )
-    v.add_argument('--run', required=True, help='run directory (pre-training, or one stage of an extension)')
-    v.add_argument('--tokenizer', required=True, help='the sentencepiece model the run was trained with')
+    _model_source(v, 'run directory (pre-training, or one stage of an extension)')
     v.add_argument('--tasks', default='niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe')
     v.add_argument('--lengths', default='512,1024,2048', help='comma-separated lengths in tokens')
     v.add_argument('--n', type=int, default=10, help='samples per task and length')
@@ -164,6 +189,11 @@ def _parser() -> argparse.ArgumentParser:
         '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
     )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
+    c = sub.add_parser('chat', help="reply to messages with a trained run or a Hugging Face checkpoint's own template")
+    _model_source(c, 'run directory of any stage')
+    c.add_argument('--message', action='append', required=True, help='a user message (repeat for several prompts)')
+    c.add_argument('--max-new-tokens', type=int, default=64)
+    c.add_argument('--temperature', type=float, default=0.0, help='0 is greedy')
     for name, what, data_help in (
             ('sft', 'supervised fine-tuning on chat conversations, assistant tokens only (notebook 23)',
              "JSONL of {'messages': [...]} (default: the generated instruction set, --n conversations)"),
@@ -307,18 +337,15 @@ def _eval_cmd(args) -> None:
     from pathlib import Path
 
     from xgen_small import ruler
-    from xgen_small.checkpoint import load_run
     from xgen_small.data.loader import TokenStore
     from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
-    from xgen_small.tokenizer import Tokenizer
     tasks = [t for t in args.tasks.split(',') if t]
     bad = [t for t in tasks if t not in ruler.TASKS]
     if bad: raise ValueError(f"unknown task(s) {bad}; expected some of {list(ruler.TASKS)}")
     try: lengths = [int(x) for x in args.lengths.split(',') if x]
     except ValueError: raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
-    model, _ = load_run(args.run)
+    model, tok = _load_model_and_tokenizer(args)
     model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
-    tok = Tokenizer(args.tokenizer)
     rows = evaluate_ruler(
         model, tok, tasks, lengths, n=args.n, seed=args.seed, cfg=ruler.RulerConfig(digits=args.digits)
     )
@@ -335,6 +362,13 @@ def _eval_cmd(args) -> None:
         matplotlib.use('Agg')
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
         print(f'results in {d}')
+
+def _chat_cmd(args) -> None:
+    from xgen_small.posttrain import chat
+    model, tok = _load_model_and_tokenizer(args)
+    sampling = Sampling(temperature=args.temperature) if args.temperature > 0 else Sampling()
+    for q, reply in zip(args.message, chat(model, tok, args.message, args.max_new_tokens, sampling=sampling)):
+        print(f'> {q}\n{reply}')
 
 def _demo_cmd(args) -> None:
     demo(args.preset, args.overrides, args.batch, args.prompt_len, args.max_new_tokens,
@@ -368,7 +402,7 @@ def _pretrain_cmd(args) -> None:
     else: print(f'nothing to do: the run in {args.out} is already at its last step')
 
 COMMANDS = dict(demo=_demo_cmd, presets=_presets_cmd, curate=_curate_cmd, pretrain=_pretrain_cmd, run=_run_cmd,
-                extend=_extend_cmd, eval=_eval_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
+                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `xgen-small` command line; returns the exit status: 0, 2 for a bad configuration or input (a message

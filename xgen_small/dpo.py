@@ -17,7 +17,7 @@ from .generate import Sampling, generate
 from .model import Decoder, model_with_params, token_logps
 from .posttrain import PostConfig, PostResult, epoch_indices, padded_rows, post_train
 from .tasks import arithmetic_problem, draw_in_split
-from .tokenizer import END_TURN, Tokenizer, render_chat
+from .tokenizer import Tokenizer, render_chat
 
 # %% auto #0
 __all__ = ['LOSSES', 'sequence_logps', 'dpo_loss', 'arithmetic_pairs', 'sampled_pairs', 'pair_rows', 'reference_logps',
@@ -80,7 +80,7 @@ def sampled_pairs(model: Decoder, tok: Tokenizer, items: Sequence[dict], reward:
     scored by `reward(text, item)`; best vs worst when they differ, nothing when all score the same."""
     prompts = [render_chat(tok, it['prompt'], add_generation_prompt=True).ids for it in items for _ in range(n_samples)]
     out = generate(model, prompts, max_new_tokens, sampling=Sampling(temperature=temperature),
-                   stop_tokens=[tok.token_id(END_TURN)], seed=seed)
+                   stop_tokens=tok.turn_end_ids, seed=seed)
     pairs = []
     for i, it in enumerate(items):
         texts = [tok.decode(t) for t in out.tokens[i * n_samples:(i + 1) * n_samples]]

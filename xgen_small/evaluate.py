@@ -86,7 +86,7 @@ def evaluate_ruler(
                 for i in range(0, len(members), batch):
                     idx = members[i:i + batch]
                     gen = generate(model, [samples[j].input_ids for j in idx], max_new_tokens=budget,
-                                   stop_tokens=[tok.eos_id], pad_id=tok.pad_id).tokens
+                                   stop_tokens=[tok.eos_id], pad_id=tok.pad_id or 0).tokens
                     for j, o in zip(idx, gen): outs[j] = o
             texts_out = [tok.decode(o) for o in outs]
             scores = [ruler.score(s, t) for s, t in zip(samples, texts_out)]

@@ -16,13 +16,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from .config import ModelConfig
 from .model import Decoder, abstract_model
 
 # %% auto #0
 __all__ = ['read_safetensors', 'write_safetensors', 'expected_hf_shapes', 'CheckpointError', 'state_from_hf', 'model_from_state',
-           'load_hf_checkpoint', 'state_to_hf', 'save_hf_checkpoint']
+           'lazy_state_from_hf', 'load_hf_checkpoint', 'state_to_hf', 'save_hf_checkpoint']
 
 # %% ../nbs/16_hf.ipynb #a4cef63a
 _ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -147,13 +148,48 @@ def _weight_files(path: Path) -> list[Path]:
     if (path / 'model.safetensors').exists(): return [path / 'model.safetensors']
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
-def load_hf_checkpoint(path, **config_overrides) -> Decoder:
-    "A `Decoder` from a Llama-format checkpoint directory (`config.json` + safetensors); overrides apply to the config."
+def lazy_state_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], tuple]:
+    """Our parameters as `(shape, read)` pairs: `read(index)` returns the part of the parameter at a tuple of slices,
+    in `cfg.param_dtype`, reading only that part of the (memory-mapped) checkpoint tensors. The layout changes of
+    the name map are numpy views (transposes and reshapes that split an axis), so slicing them reads just the
+    bytes of the slice."""
+    _check_tensors(cfg, tensors)
+    dt = np.dtype(cfg.param_jnp_dtype)
+    out = {}
+    for name, (path, fn, _) in _top_map(cfg).items():
+        view = fn(tensors[name])
+        out[path] = (view.shape, lambda idx, view=view: np.asarray(view[idx], dt))
+    for suffix, (path, fn, _) in _layer_map(cfg).items():
+        names = [f'model.layers.{i}.{suffix}' for i in range(cfg.n_layers)]
+        one = fn(tensors[names[0]]).shape
+        def read(idx, names=names, fn=fn):
+            layers = range(cfg.n_layers)[idx[0]]
+            return np.stack([np.asarray(fn(tensors[names[i]])[idx[1:]], dt) for i in layers])
+        out[('layers', *path)] = ((cfg.n_layers, *one), read)
+    return out
+
+def load_hf_checkpoint(path, *, mesh=None, rules=None, **config_overrides) -> Decoder:
+    """A `Decoder` from a Llama-format checkpoint directory (`config.json` + safetensors); overrides apply to the
+    config. With `mesh` (and the logical-axis `rules` of notebook 13, by default its defaults), every parameter is built
+    directly in its shards: each device's part is read from the memory-mapped files and converted on its own, so no
+    full copy of the model is ever made on the host or on any device."""
     path = Path(path)
     cfg = ModelConfig.from_hf(path, **config_overrides)
     tensors = {}
     for f in _weight_files(path): tensors.update(read_safetensors(f))
-    return model_from_state(cfg, state_from_hf(cfg, tensors))
+    if mesh is None: return model_from_state(cfg, state_from_hf(cfg, tensors))
+    from xgen_small.sharding import DEFAULT_RULES, check_divisible, param_specs
+    lazy = lazy_state_from_hf(cfg, tensors)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    specs = dict(nnx.to_flat_state(param_specs(abstract_model(cfg), rules or DEFAULT_RULES)))
+    flat = []
+    for p, var in nnx.to_flat_state(abstract):
+        shape, read = lazy[p]
+        spec = specs[p].get_value() if hasattr(specs[p], 'get_value') else specs[p]
+        check_divisible(p, shape, spec, mesh)
+        arr = jax.make_array_from_callback(shape, NamedSharding(mesh, spec), read)
+        flat.append((p, var.replace(arr)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 # %% ../nbs/16_hf.ipynb #765e065e
 def state_to_hf(model: Decoder, dtype=None) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from .model import Decoder, model_with_params, params_of
 from .schedules import LRPhase
 from .sharding import MeshConfig
 from .tasks import extract_answer
-from .tokenizer import END_TURN, Tokenizer, render_chat
+from .tokenizer import Tokenizer, render_chat
 from .train import GeneratedBatches, TrainConfig, fit
 
 # %% auto #0
@@ -111,7 +111,7 @@ def chat(model: Decoder, tok: Tokenizer, questions: Sequence[str | list], max_ne
         render_chat(tok, [dict(role='user', content=q)] if isinstance(q, str) else q, add_generation_prompt=True).ids
         for q in questions
     ]
-    out = generate(model, prompts, max_new_tokens, sampling=sampling, stop_tokens=[tok.token_id(END_TURN)], seed=seed)
+    out = generate(model, prompts, max_new_tokens, sampling=sampling, stop_tokens=tok.turn_end_ids, seed=seed)
     return [tok.decode(t) for t in out.tokens]
 
 def _reply_ok(conv: dict, reply: str) -> bool:

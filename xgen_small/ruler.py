@@ -87,7 +87,7 @@ class _Haystack:
                 self.ids += tok.encode(' ' + sent)
                 ends.append(len(self.ids))
         self.ends = np.asarray(ends)
-        self.word_start = np.array([tok.sp.id_to_piece(int(i)).startswith('\u2581') for i in self.ids])
+        self.word_start = np.array(tok.starts_word(self.ids))
 
     def take(self, n: int, rng) -> tuple[list, np.ndarray]:
         "`n` filler tokens ending at a random sentence end, and the sentence ends within them."
