@@ -35,6 +35,7 @@ if 'google.colab' in sys.modules:
         backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
     jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
+                    'lm_eval==0.4.13', 'accelerate==1.15.0',
                     'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %%
@@ -75,7 +76,8 @@ from fastcore.test import test_eq, test_fail
 #
 # `eval` and `chat` also take a released checkpoint directly: `--hf DIR` loads a Llama-format checkpoint
 # (`config.json` and safetensors, notebook 16) with its own tokenizer (`tokenizer.json`) and chat template
-# (`tokenizer_config.json`), notebook 07's `HFTokenizer`.
+# (`tokenizer_config.json`), notebook 07's `HFTokenizer`. `xgen-small lm-eval --model xgen_small --model_args path=DIR
+# --tasks ...` runs EleutherAI's lm-evaluation-harness on our model (notebook 31).
 #
 # Config fields are overridden from the command line with `--set field=value` (dotted for nested fields), read as
 # the type of the value they replace, so a typo or a bad value fails with the field's name: it is
@@ -274,6 +276,9 @@ def _parser() -> argparse.ArgumentParser:
         '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
     )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
+    h = sub.add_parser('lm-eval', add_help=False, help="EleutherAI's lm-evaluation-harness with our model registered as "
+                       "'xgen_small' (notebook 31); every further argument is the harness' own")
+    h.add_argument('harness_args', nargs=argparse.REMAINDER)
     c = sub.add_parser('chat', help="reply to messages with a trained run or a Hugging Face checkpoint's own template")
     _model_source(c, 'run directory of any stage')
     c.add_argument('--message', action='append', required=True, help='a user message (repeat for several prompts)')
@@ -448,6 +453,18 @@ def _eval_cmd(args) -> None:
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
         print(f'results in {d}')
 
+def _lm_eval_cmd(args) -> None:
+    "Run the harness' command line with `xgen_small` registered (its command line has no plugin discovery)."
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import xgen_small.harness  # noqa: F401  (registers the model)
+    except ImportError as e:
+        raise ValueError(f"lm-eval needs the harness: pip install lm_eval==0.4.13 accelerate ({e})") from None
+    argv, sys.argv = sys.argv, ['lm-eval', *args.harness_args]
+    try: cli_evaluate()
+    finally: sys.argv = argv
+
 def _chat_cmd(args) -> None:
     from xgen_small.posttrain import chat
     model, tok = _load_model_and_tokenizer(args)
@@ -487,13 +504,17 @@ def _pretrain_cmd(args) -> None:
     else: print(f'nothing to do: the run in {args.out} is already at its last step')
 
 COMMANDS = dict(demo=_demo_cmd, presets=_presets_cmd, curate=_curate_cmd, pretrain=_pretrain_cmd, run=_run_cmd,
-                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
+                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd,
+                **{'lm-eval': _lm_eval_cmd})
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `xgen-small` command line; returns the exit status: 0, 2 for a bad configuration or input (a message
     naming it), 3 when training diverged (the last good checkpoint is kept)."""
     from xgen_small.train import TrainingDiverged
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['lm-eval']:                 # every further argument is the harness' (argparse would read them)
+        args = argparse.Namespace(command='lm-eval', harness_args=argv[1:])
+    else: args = _parser().parse_args(argv)
     try: COMMANDS[args.command](args)
     except TrainingDiverged as e:
         print(f'xgen-small {args.command}: {e}', file=sys.stderr)

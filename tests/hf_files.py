@@ -24,3 +24,16 @@ def write_llama3_style_tokenizer(d, texts, vocab_size: int = 1500) -> Path:
         chat_template=LLAMA3_TEMPLATE, bos_token='<|begin_of_text|>', eos_token='<|eot_id|>',
         tokenizer_class='PreTrainedTokenizerFast')))
     return d
+
+
+def write_tiny_checkpoint(d, vocab_size: int = 600) -> Path:
+    "A random `tiny` model saved as a Llama-format checkpoint, with a tokenizer of `vocab_size` and its template."
+    from flax import nnx
+
+    from xgen_small.config import get_preset
+    from xgen_small.data.sample import load_sample
+    from xgen_small.hf import save_hf_checkpoint
+    from xgen_small.model import Decoder
+    d = write_llama3_style_tokenizer(d, [x['text'] for x in load_sample()[:200]], vocab_size=vocab_size)
+    save_hf_checkpoint(Decoder(get_preset('tiny', vocab_size=vocab_size, max_seq_len=512), rngs=nnx.Rngs(0)), d)
+    return d

@@ -82,19 +82,14 @@ def test_run_bad_input_is_a_clear_error(tmp_path, capsys):
 
 def test_eval_and_chat_take_a_hugging_face_checkpoint(tmp_path):
     "A Llama-format checkpoint with its own tokenizer and chat template, built here: `--hf DIR` is all it takes."
-    from flax import nnx
-    from hf_files import write_llama3_style_tokenizer
+    from hf_files import write_tiny_checkpoint
     from transformers import AutoTokenizer
 
-    from xgen_small.config import get_preset
-    from xgen_small.data.sample import load_sample
-    from xgen_small.hf import save_hf_checkpoint
-    from xgen_small.model import Decoder
+    from xgen_small.hf import load_hf_checkpoint
     from xgen_small.posttrain import chat
     from xgen_small.tokenizer import load_tokenizer, render_chat
-    d = write_llama3_style_tokenizer(tmp_path / 'ckpt', [x['text'] for x in load_sample()[:200]], vocab_size=600)
-    model = Decoder(get_preset('tiny', vocab_size=600, max_seq_len=512), rngs=nnx.Rngs(0))
-    save_hf_checkpoint(model, d)
+    d = write_tiny_checkpoint(tmp_path / 'ckpt')
+    model = load_hf_checkpoint(d)
     r = _run('eval', '--hf', str(d), '--tasks', 'niah_single', '--lengths', '256', '--n', '2')
     assert r.returncode == 0, r.stderr
     assert 'niah_single' in r.stdout
@@ -109,3 +104,22 @@ def test_eval_and_chat_take_a_hugging_face_checkpoint(tmp_path):
     assert r.returncode == 2 and 'needs --tokenizer' in r.stderr
     r = _run('chat', '--message', 'hi')
     assert r.returncode == 2 and 'one of the arguments --run --hf is required' in r.stderr
+
+
+def test_lm_eval_runs_the_harness_on_our_model(tmp_path):
+    "`xgen-small lm-eval` is the harness' own command line, with `--model xgen_small` registered; a local task."
+    import json
+
+    from hf_files import write_tiny_checkpoint
+    d = write_tiny_checkpoint(tmp_path / 'ckpt')
+    rows = [dict(q=f'{a} plus {b} is', choices=[str(a + b), str(a * b + 1)], label=0) for a, b in ((2, 3), (4, 5))]
+    (tmp_path / 'sums.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    (tmp_path / 'sums.yaml').write_text(
+        f"task: sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'sums.jsonl'}\n"
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: label\nmetric_list:\n  - metric: acc\n')
+    r = _run('lm-eval', '--model', 'xgen_small', '--model_args', f'path={d}', '--tasks', 'sums',
+             '--include_path', str(tmp_path), '--batch_size', '2', '--output_path', str(tmp_path / 'out'))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert '|sums' in r.stdout and 'acc' in r.stdout, r.stdout
+    assert list((tmp_path / 'out').rglob('results_*.json'))

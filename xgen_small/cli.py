@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
     )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
+    h = sub.add_parser('lm-eval', add_help=False, help="EleutherAI's lm-evaluation-harness with our model registered as "
+                       "'xgen_small' (notebook 31); every further argument is the harness' own")
+    h.add_argument('harness_args', nargs=argparse.REMAINDER)
     c = sub.add_parser('chat', help="reply to messages with a trained run or a Hugging Face checkpoint's own template")
     _model_source(c, 'run directory of any stage')
     c.add_argument('--message', action='append', required=True, help='a user message (repeat for several prompts)')
@@ -363,6 +366,18 @@ def _eval_cmd(args) -> None:
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
         print(f'results in {d}')
 
+def _lm_eval_cmd(args) -> None:
+    "Run the harness' command line with `xgen_small` registered (its command line has no plugin discovery)."
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import xgen_small.harness  # noqa: F401  (registers the model)
+    except ImportError as e:
+        raise ValueError(f"lm-eval needs the harness: pip install lm_eval==0.4.13 accelerate ({e})") from None
+    argv, sys.argv = sys.argv, ['lm-eval', *args.harness_args]
+    try: cli_evaluate()
+    finally: sys.argv = argv
+
 def _chat_cmd(args) -> None:
     from xgen_small.posttrain import chat
     model, tok = _load_model_and_tokenizer(args)
@@ -402,13 +417,17 @@ def _pretrain_cmd(args) -> None:
     else: print(f'nothing to do: the run in {args.out} is already at its last step')
 
 COMMANDS = dict(demo=_demo_cmd, presets=_presets_cmd, curate=_curate_cmd, pretrain=_pretrain_cmd, run=_run_cmd,
-                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd)
+                extend=_extend_cmd, eval=_eval_cmd, chat=_chat_cmd, sft=_post_cmd, dpo=_post_cmd, rl=_post_cmd,
+                **{'lm-eval': _lm_eval_cmd})
 
 def main(argv: list[str] | None = None) -> int:
     """Run the `xgen-small` command line; returns the exit status: 0, 2 for a bad configuration or input (a message
     naming it), 3 when training diverged (the last good checkpoint is kept)."""
     from xgen_small.train import TrainingDiverged
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['lm-eval']:                 # every further argument is the harness' (argparse would read them)
+        args = argparse.Namespace(command='lm-eval', harness_args=argv[1:])
+    else: args = _parser().parse_args(argv)
     try: COMMANDS[args.command](args)
     except TrainingDiverged as e:
         print(f'xgen-small {args.command}: {e}', file=sys.stderr)
