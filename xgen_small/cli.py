@@ -189,8 +189,9 @@ def _parser() -> argparse.ArgumentParser:
         '--perplexity-store', default=None, help='token store for perplexity by position (at the longest length)'
     )
     v.add_argument('--out', default=None, help='directory for results.json, results.md and heatmap.png')
-    h = sub.add_parser('lm-eval', add_help=False, help="EleutherAI's lm-evaluation-harness with our model registered as "
-                       "'xgen_small' (notebook 31); every further argument is the harness' own")
+    h = sub.add_parser('lm-eval', add_help=False,
+                       help="EleutherAI's lm-evaluation-harness with our model registered as 'xgen_small' "
+                       "(notebook 31); every further argument is the harness' own")
     h.add_argument('harness_args', nargs=argparse.REMAINDER)
     c = sub.add_parser('chat', help="reply to messages with a trained run or a Hugging Face checkpoint's own template")
     _model_source(c, 'run directory of any stage')
