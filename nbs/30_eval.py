@@ -322,8 +322,8 @@ test_eq(np.asarray(longer(x)), np.asarray(model(x)))
 # ## Long prompts on a CPU
 #
 # The paper's headline evaluation is RULER at 32K to 128K tokens. Prompts that long go through the generator's chunked
-# prefill (notebook 15): 1,024 tokens at a time against the cache, so memory grows linearly with the prompt, and even
-# this CPU evaluates them. The small model above (its length guard moved; it was trained at 256 tokens, so it scores
+# prefill (notebook 15): 1,024 tokens at a time against the cache, in `[512, 512]` tiles of scores, so memory grows
+# linearly with the prompt (0.09 GiB at 32K tokens for the tiny model), and even this CPU evaluates them. The small model above (its length guard moved; it was trained at 256 tokens, so it scores
 # nothing) on one needle sample at 16K and one at 32K tokens:
 
 # %%
