@@ -456,18 +456,27 @@ def blockwise_backward(q, k, v, q_seg, kv_seg, out, lse, do, *, causal: bool, bl
     dq = dq.transpose(1, 0, 4, 2, 3, 5).reshape(B, Tp, H, D)[:, :T] * scale
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)      # dk: queries were pre-scaled
 
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _blockwise(q, k, v, q_seg, kv_seg, causal, bs, scale):
-    return blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _blockwise(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, bs, scale):
+    return blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale, q_pos=q_pos,
+                             kv_pos=kv_pos)[0]
 
-def _blockwise_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale):
-    out, lse = blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _blockwise_fwd(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, bs, scale):
+    out, lse = blockwise_forward(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=bs, scale=scale, q_pos=q_pos,
+                                 kv_pos=kv_pos)
+    return out, (q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse)
 
 def _blockwise_bwd(causal, bs, scale, res, do):
-    q, k, v, q_seg, kv_seg, out, lse = res
-    return (*blockwise_backward(q, k, v, q_seg, kv_seg, out, lse, do, causal=causal, block_sizes=bs, scale=scale),
-            None, None)
+    q, k, v, q_seg, kv_seg, q_pos, kv_pos, out, lse = res
+    grads = blockwise_backward(q, k, v, q_seg, kv_seg, out, lse, do, causal=causal, block_sizes=bs, scale=scale,
+                               q_pos=q_pos, kv_pos=kv_pos)
+    return (*grads, None, None, None, None)
+
+def blockwise_attention(q, k, v, q_seg, kv_seg, *, causal: bool = True, block_sizes: BlockSizes = BlockSizes(512, 512),
+                        q_pos=None, kv_pos=None) -> jax.Array:
+    """Differentiable blockwise attention (`blockwise_forward` with `blockwise_backward` as its VJP): causal by index,
+    or by position when `q_pos` / `kv_pos` are given (then query and key lengths may differ)."""
+    return _blockwise(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, block_sizes, q.shape[-1] ** -0.5)
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
@@ -486,7 +495,7 @@ def attention_blockwise(q, k, v, q_segment_ids=None, kv_segment_ids=None, q_posi
     """Memory-linear self-attention in plain JAX (any backend), with a FlashAttention-style custom VJP.
     Causality is by index, which equals position order within the segments of packed data; positions are not read."""
     q_seg, kv_seg = _self_attention_args(q, k, v, q_segment_ids, kv_segment_ids, 'blockwise')
-    return _blockwise(q, k, v, q_seg, kv_seg, causal, block_sizes, q.shape[-1] ** -0.5)
+    return blockwise_attention(q, k, v, q_seg, kv_seg, causal=causal, block_sizes=block_sizes)
 
 
 # %% [markdown]
@@ -836,10 +845,13 @@ def _tpu_layout(q, k, v, q_seg, kv_seg, bq: int, bk: int):
     qh, kh, vh, qs, ks = _heads_major(q, k, v, q_seg, kv_seg, bq, bk)
     return qh, kh, vh, jnp.repeat(qs[:, :, None], LANES, 2), jnp.repeat(ks[:, None, :], SUBLANES, 1)
 
-def _tpu_blocks(bs: BlockSizes, T: int) -> tuple[int, int, int, int]:
-    "Blocks in multiples of 128 (the lane width), no longer than the padded sequence."
+def _tpu_blocks(bs: BlockSizes, T: int, backward: bool = False) -> tuple[int, int, int]:
+    """`(block_q, block_kv, padding)` of the forward (or backward) pass: multiples of 128 (the lane width), no longer
+    than the padded sequence, and one padding both divide (both blocks become the larger when it does not)."""
     cap = lambda b: max(LANES, min(-(-b // LANES) * LANES, -(-T // LANES) * LANES))
-    return cap(bs.block_q), cap(bs.block_kv), cap(bs.bwd[0]), cap(bs.bwd[1])
+    bq, bk = (cap(b) for b in (bs.bwd if backward else (bs.block_q, bs.block_kv)))
+    b = max(bq, bk)
+    return (bq, bk, b) if b % bq == 0 and b % bk == 0 else (b, b, b)
 
 def _tpu_params(interpret: bool, n_parallel: int = 3):
     if interpret: return None
@@ -849,8 +861,7 @@ def _tpu_params(interpret: bool, n_parallel: int = 3):
 def _tpu_fwd(q, k, v, q_seg, kv_seg, causal, bs, scale, interpret):
     from jax.experimental.pallas import tpu as pltpu
     (B, T, H, D), K = q.shape, k.shape[2]
-    bq, bk, _, _ = _tpu_blocks(bs, T)
-    b = max(bq, bk); bq, bk = (bq, bk) if b % bq == 0 and b % bk == 0 else (b, b)
+    bq, bk, b = _tpu_blocks(bs, T)
     qh, kh, vh, qs, ks = _tpu_layout(q, k, v, q_seg, kv_seg, b, b)       # one padding both block sizes divide
     Tp = qh.shape[2]
     sp = _tpu_specs(H // K, D, bq, bk, causal, 'q')
@@ -872,8 +883,7 @@ def _tpu_bwd(q, k, v, q_seg, kv_seg, out, lse, do, causal, bs, scale, interpret)
     from jax.experimental.pallas import tpu as pltpu
     (B, T, H, D), (S, K) = q.shape, k.shape[1:3]
     G = H // K
-    _, _, bq, bk = _tpu_blocks(bs, T)
-    b = max(bq, bk); bq, bk = (bq, bk) if b % bq == 0 and b % bk == 0 else (b, b)
+    bq, bk, b = _tpu_blocks(bs, T, backward=True)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1).transpose(0, 2, 1)
     qh, kh, vh, qs, ks = _tpu_layout(q, k, v, q_seg, kv_seg, b, b)
     Tp = qh.shape[2]

@@ -61,6 +61,7 @@ from xgen_small.attention import (
     NEG,
     BlockSizes,
     attention_defaults,
+    blockwise_attention,
     blockwise_backward,
     blockwise_forward,
     merge_partials,
@@ -204,28 +205,11 @@ def _ring_local(q, k, v, qs, ks, qp, kp, *, causal, loop):
     "Per device: fold the K/V chunk it holds, pass it on around the ring, fold the next, `n` times."
     return _ring(q, k, v, qs, ks, qp, kp, causal, _RING_BLOCKS, loop)
 
-@partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _blockwise_by_position(q, k, v, qs, ks, qp, kp, causal):
-    return blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
-                             q_pos=qp, kv_pos=kp)[0]
-
-def _bp_fwd(q, k, v, qs, ks, qp, kp, causal):
-    out, lse = blockwise_forward(q, k, v, qs, ks, causal=causal, block_sizes=_RING_BLOCKS, scale=q.shape[-1] ** -0.5,
-                                 q_pos=qp, kv_pos=kp)
-    return out, (q, k, v, qs, ks, qp, kp, out, lse)
-
-def _bp_bwd(causal, res, do):
-    q, k, v, qs, ks, qp, kp, out, lse = res
-    grads = blockwise_backward(q, k, v, qs, ks, out, lse, do, causal=causal, block_sizes=_RING_BLOCKS,
-                               scale=q.shape[-1] ** -0.5, q_pos=qp, kv_pos=kp)
-    return (*grads, None, None, None, None)
-
-_blockwise_by_position.defvjp(_bp_fwd, _bp_bwd)
-
 def _allgather_local(q, k, v, qs, ks, qp, kp, *, causal):
     "Per device: gather every chunk's keys and values, then attend blockwise from this device's queries."
     gather = lambda x: jax.lax.all_gather(x, 'sequence', axis=1, tiled=True)
-    return _blockwise_by_position(q, gather(k), gather(v), qs, gather(ks), qp, gather(kp), causal)
+    return blockwise_attention(q, gather(k), gather(v), qs, gather(ks), causal=causal, block_sizes=_RING_BLOCKS,
+                               q_pos=qp, kv_pos=gather(kp))
 
 def _sequence_parallel(local, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, causal):
     mesh = jax.sharding.get_abstract_mesh()

@@ -231,14 +231,7 @@ def _check_tensors(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]):
 
 def state_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[tuple[str, ...], np.ndarray]:
     "Our parameters (flat path -> array in `cfg.param_dtype`) from HF-named `tensors`."
-    _check_tensors(cfg, tensors)
-    dt = np.dtype(cfg.param_jnp_dtype)
-    out = {path: np.asarray(fn(tensors[name]), dt) for name, (path, fn, _) in _top_map(cfg).items()}
-    for suffix, (path, fn, _) in _layer_map(cfg).items():
-        out[('layers', *path)] = np.stack(
-            [np.asarray(fn(tensors[f'model.layers.{i}.{suffix}']), dt) for i in range(cfg.n_layers)]
-        )
-    return out
+    return {path: read((slice(None),) * len(shape)) for path, (shape, read) in lazy_state_from_hf(cfg, tensors).items()}
 
 def model_from_state(cfg: ModelConfig, params: Mapping[tuple[str, ...], np.ndarray]) -> Decoder:
     "A `Decoder` holding `params` (flat path -> array), built without running the initialisers."
