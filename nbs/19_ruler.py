@@ -55,6 +55,10 @@ if 'google.colab' in sys.modules:
 # | `cwe` (common words) | a long numbered word list, a few words far more frequent | the most common words |
 # | `fwe` (frequent words) | "coded" words drawn from a Zipf distribution | the most frequent words |
 #
+# These tasks are the teaching version: our haystacks, needles and scoring, small enough to read. RULER's own
+# thirteen tasks, built by its specification so that scores compare with published tables, are in notebook 32
+# (`xgen_small.ruler_published`), and notebook 30 runs them through our evaluator and lm-evaluation-harness.
+#
 # Two choices are ours, and both are there so that a *base* model (no instruction tuning) can be evaluated, as
 # RULER also does with its answer prefixes: each prompt ends with an answer prefix that the model continues, and
 # for the needle tasks the prefix repeats the needle's own wording up to the value. Lengths are counted in *tokens

@@ -267,7 +267,19 @@ def _parser() -> argparse.ArgumentParser:
         'eval', help='RULER-style tasks by length, and perplexity by position, of a trained run (notebook 30)'
     )
     _model_source(v, 'run directory (pre-training, or one stage of an extension)')
-    v.add_argument('--tasks', default='niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe,fwe')
+    v.add_argument('--suite', choices=('teaching', 'published'), default='teaching',
+                   help="notebook 19's tasks, or RULER's own by its specification (notebook 32)")
+    v.add_argument(
+        '--tasks', default=None, help="comma-separated tasks (default: the suite's, as far as the inputs allow)"
+    )
+    v.add_argument('--essays', default=None, help="published: the essay haystack (RULER's PaulGrahamEssays.json, "
+                   "a .txt file or a directory of them)")
+    v.add_argument('--squad', default=None, help='published: the SQuAD v2 dev JSON, for qa_1')
+    v.add_argument('--hotpotqa', default=None, help='published: the HotpotQA distractor dev JSON, for qa_2')
+    v.add_argument('--templates', default=None,
+                   help="published: RULER's scripts/data/synthetic/constants.py (or a JSON file) for its exact wording")
+    v.add_argument('--harness-tasks', default=None, metavar='DIR',
+                   help='published: also write the samples as lm-evaluation-harness tasks in DIR')
     v.add_argument('--lengths', default='512,1024,2048', help='comma-separated lengths in tokens')
     v.add_argument('--n', type=int, default=10, help='samples per task and length')
     v.add_argument('--digits', type=int, default=5, help='digits of each needle value')
@@ -430,11 +442,14 @@ def _eval_cmd(args) -> None:
     from xgen_small import ruler
     from xgen_small.data.loader import TokenStore
     from xgen_small.evaluate import evaluate_ruler, perplexity_by_position, ruler_heatmap, ruler_table, with_max_seq_len
-    tasks = [t for t in args.tasks.split(',') if t]
-    bad = [t for t in tasks if t not in ruler.TASKS]
-    if bad: raise ValueError(f"unknown task(s) {bad}; expected some of {list(ruler.TASKS)}")
     try: lengths = [int(x) for x in args.lengths.split(',') if x]
     except ValueError: raise ValueError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if args.suite == 'published': return _eval_published(args, lengths)
+    given = [o for o in ('essays', 'squad', 'hotpotqa', 'templates', 'harness_tasks') if getattr(args, o)]
+    if given: raise ValueError(f"--{given[0].replace('_', '-')} belongs to --suite published")
+    tasks = [t for t in args.tasks.split(',') if t] if args.tasks else list(ruler.TASKS)
+    bad = [t for t in tasks if t not in ruler.TASKS]
+    if bad: raise ValueError(f"unknown task(s) {bad}; expected some of {list(ruler.TASKS)}")
     model, tok = _load_model_and_tokenizer(args)
     model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
     rows = evaluate_ruler(
@@ -452,6 +467,52 @@ def _eval_cmd(args) -> None:
         import matplotlib
         matplotlib.use('Agg')
         ax = ruler_heatmap(rows); ax.figure.tight_layout(); ax.figure.savefig(d / 'heatmap.png', dpi=100)
+        print(f'results in {d}')
+
+def _eval_published(args, lengths) -> None:
+    "`eval --suite published`: RULER's tasks by its specification, scored here (and written for the harness)."
+    import json
+    from pathlib import Path
+
+    from xgen_small import ruler_published as rp
+    from xgen_small.evaluate import with_max_seq_len
+    essays = rp.load_essays(args.essays) if args.essays else None
+    qa = {k: read(getattr(args, k)) for k, read in (('squad', rp.read_squad), ('hotpotqa', rp.read_hotpotqa))
+          if getattr(args, k)}
+    templates = rp.load_templates(args.templates) if args.templates else None
+    tasks = [t for t in args.tasks.split(',') if t] if args.tasks else list(rp.available_tasks(essays, qa))
+    bad = [t for t in tasks if t not in rp.TASKS]
+    if bad: raise ValueError(f"unknown task(s) {bad}; RULER's are {list(rp.TASKS)}")
+    model, tok = _load_model_and_tokenizer(args)
+    model = with_max_seq_len(model, max(lengths)) if max(lengths) > model.cfg.max_seq_len else model
+    rows = rp.evaluate_published(model, tok, tasks, lengths, n=args.n, seed=args.seed, templates=templates,
+                                 essays=essays, qa=qa)
+    print(rp.score_table(rows))
+    if args.harness_tasks:
+        samples = [
+            s
+            for t in tasks
+            for L in lengths
+            for s in rp.generate_samples(
+                tok,
+                t,
+                L,
+                args.n,
+                seed=args.seed,
+                templates=templates,
+                essays=essays,
+                qa=qa.get(rp.TASKS[t][1].get('dataset')),
+            )
+        ]
+        names = rp.write_harness_tasks(samples, args.harness_tasks)
+        print(
+            f"{len(names)} harness tasks in {args.harness_tasks}: xgen-small lm-eval "
+            f"--include_path {args.harness_tasks} --tasks {','.join(names)} --model ..."
+        )
+    if args.out:
+        d = Path(args.out); d.mkdir(parents=True, exist_ok=True)
+        (d / 'results.json').write_text(json.dumps(dict(ruler_published=rows), indent=1))
+        (d / 'results.md').write_text(rp.score_table(rows) + '\n')
         print(f'results in {d}')
 
 def _lm_eval_cmd(args) -> None:
@@ -566,6 +627,20 @@ save_hf_checkpoint(Decoder(get_preset('tiny', vocab_size=600, max_seq_len=512), 
 test_eq(main(['chat', '--hf', str(ckpt), '--message', 'What is 6 * 7?', '--max-new-tokens', '8']), 0)
 test_eq(main(['eval', '--hf', str(ckpt), '--tasks', 'niah_single', '--lengths', '256', '--n', '2']), 0)
 test_eq(main(['eval', '--run', str(ckpt), '--tasks', 'niah_single']), 2)        # a run needs its --tokenizer
+
+# %% [markdown]
+# `--suite published` runs RULER's own tasks (notebook 32); `--essays`, `--squad` and `--hotpotqa` bring the files
+# its essay and QA tasks need, `--templates` RULER's wording, and `--harness-tasks DIR` writes the same samples for
+# the harness:
+
+# %%
+hdir = ckpt.parent / 'harness_tasks'
+test_eq(main(['eval', '--hf', str(ckpt), '--suite', 'published', '--tasks', 'niah_single_1,vt', '--lengths', '2048',
+              '--n', '1', '--harness-tasks', str(hdir), '--out', str(ckpt.parent / 'pub')]), 0)
+test_eq(sorted(p.name for p in hdir.glob('*.yaml')), ['ruler_niah_single_1_2048.yaml', 'ruler_vt_2048.yaml'])
+test_eq([r['task'] for r in json.loads((ckpt.parent / 'pub' / 'results.json').read_text())['ruler_published']], ['niah_single_1', 'vt'])
+test_eq(main(['eval', '--hf', str(ckpt), '--suite', 'published', '--tasks', 'niah_single_2', '--lengths', '1024']), 2)   # needs --essays
+test_eq(main(['eval', '--hf', str(ckpt), '--essays', 'x.json', '--lengths', '256']), 2)   # --essays is the published suite's
 
 # %%
 #| hide

@@ -170,6 +170,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # |---|---|---|
 # | [30_eval](nbs/30_eval.ipynb) | `evaluate` | Loss by position and RULER by length: does the model use more context, and does retrieval hold? |
 # | [31_harness](nbs/31_harness.ipynb) | `harness` | EleutherAI's lm-evaluation-harness on our JAX model: log-likelihoods, perplexity and KV-cache generation. |
+# | [32_ruler_published](nbs/32_ruler_published.ipynb) | `ruler_published` | RULER's thirteen tasks by its own specification: haystacks, key and value types, counts, answer prefixes, scoring. |
 # | [39_report](nbs/39_report.ipynb) | `report` | The run's report: `summary.md` and its figures, read back from stage markers and training histories. |
 # | [40_pipeline](nbs/40_pipeline.ipynb) | `pipeline` | The whole pipeline as one resumable command: a table of stages, fingerprints, markers and the report. |
 # | [41_cli](nbs/41_cli.ipynb) | `cli` | The `xgen-small` command line: `run`, `demo`, `presets` and one subcommand per stage. |
