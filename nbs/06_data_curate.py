@@ -46,8 +46,10 @@ import gzip
 import importlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,7 +81,7 @@ from xgen_small.data.sample import sample_shards, load_sample
 #
 # The run has three stages:
 #
-# 1. **Per shard, in parallel processes**: read and validate each line, apply the domain's heuristic
+# 1. **Per shard, in parallel processes or Ray tasks**: read and validate each line, apply the domain's heuristic
 #    filters, score quality (stage 1 on everything, stage 2 on stage-1 survivors), and compute the
 #    exact-duplicate digest and MinHash signature of every survivor. Shards are independent, so this
 #    is where the work parallelises.
@@ -90,7 +92,8 @@ from xgen_small.data.sample import sample_shards, load_sample
 # 3. **The mixture plan** (notebook 05) gives every kept document its epochs per phase.
 #
 # Because stage 2 merges in a fixed order and stage 1 has no shared state, the result does not depend
-# on the number of worker processes or on which finishes first.
+# on the number of worker processes, on which finishes first, or on whether Ray runs them. (Stage 2 still holds
+# every survivor in one process: it bounds the corpus one machine can curate, and is the next thing to shard.)
 
 # %%
 #| export
@@ -198,6 +201,77 @@ def _process_shard(args) -> dict:
 
 
 # %% [markdown]
+# ## Executors: processes on this machine, or a Ray cluster
+#
+# Stage 1 is a map over shards, and who runs the map is a choice separate from what it computes. `LocalExecutor`
+# runs it in this process or in a pool of spawned processes (laptops, CI, one big machine). `RayExecutor` runs each
+# shard as a [Ray](https://docs.ray.io) task: on a Ray instance it starts on this machine, or on an existing cluster
+# (`address='auto'` on a cluster node, `'ray://head:10001'` from outside), where every node's CPUs take shards. The
+# worker function is the same importable `_process_shard` either way, and results are put back in shard order, so
+# the outputs do not depend on the executor (`tests/test_curate.py` checks Ray against local, file by file).
+#
+# On a multi-node cluster three things must hold, as for any Ray job: `xgen_small` is installed on every node (the
+# same version), the input shards, the output directory and the quality model are on storage every node sees at the
+# same path (NFS, a mounted bucket), and the head was started with `ray start --head` (workers with
+# `ray start --address=HEAD:6379`). Then `xgen-small curate --executor ray --address auto ...` on the head.
+
+# %%
+#| export
+class LocalExecutor:
+    "Map over jobs in this process (`workers=1`) or in `workers` spawned processes; results in job order."
+    def __init__(self, workers: int = 2):
+        if workers < 1: raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+
+    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+        bar = dict(disable=not progress, desc=desc, unit='shard', total=len(jobs))
+        if self.workers > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
+            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
+                return list(tqdm(ex.map(fn, jobs), **bar))
+        return [fn(j) for j in tqdm(jobs, **bar)]
+
+class RayExecutor:
+    """Map over jobs as Ray tasks (one CPU each): on a Ray instance started here (`address=None`, `num_cpus` CPUs,
+    default all) or on the cluster at `address` ('auto', 'ray://host:10001'). Ray is started and shut down around
+    the map unless it was already running."""
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        self.address, self.num_cpus = address, num_cpus
+
+    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("the ray executor needs Ray: pip install 'ray==2.52.1' (on every node)") from None
+        started = not ray.is_initialized()
+        if started:
+            os.environ.setdefault('RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO', '0')   # CPU tasks: leave device variables be
+            opts = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            if self.address is None: opts['num_cpus'] = self.num_cpus
+            with warnings.catch_warnings():    # JAX warns of any fork; Ray's daemons are fork+exec, which is safe
+                warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
+                ray.init(address=self.address, **opts)
+        try:
+            task = ray.remote(num_cpus=1)(fn)
+            refs = [task.remote(j) for j in jobs]
+            pending = list(refs)
+            with tqdm(total=len(refs), disable=not progress, desc=desc, unit='shard') as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    bar.update(len(done))
+            return ray.get(refs)
+        finally:
+            if started: ray.shutdown()
+
+def make_executor(kind: str = 'local', *, workers: int = 2, address: str | None = None):
+    "`'local'` (`workers` processes) or `'ray'` (the cluster at `address`, or a local Ray with `workers` CPUs)."
+    if kind == 'local':
+        if address is not None: raise ValueError("--address is for the ray executor")
+        return LocalExecutor(workers)
+    if kind == 'ray': return RayExecutor(address, num_cpus=None if address else workers)
+    raise ValueError(f"unknown executor {kind!r}: 'local' or 'ray'")
+
+# %% [markdown]
 # ## The run
 
 # %%
@@ -219,10 +293,11 @@ def _train_default_quality(path: Path) -> Path:
     return save_quality_model(train_quality([d for d in load_sample() if chain(d['text'], d['domain']) is None]), path)
 
 def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='default',
-           mixture: MixtureConfig | None = None, progress: bool = True) -> CurateResult:
+           mixture: MixtureConfig | None = None, progress: bool = True, executor=None) -> CurateResult:
     """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}.jsonl.gz, ledger.jsonl.gz, summary.json.
     `quality_model`: a saved model path, 'default' (train on the sample corpus once, cached in `out_dir`), or None
-    (skip)."""
+    (skip). `executor` runs the per-shard stage: a `LocalExecutor` of `cfg.workers` processes by default, or a
+    `RayExecutor`."""
     cfg = cfg or CurateConfig()
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.is_file()]
@@ -239,14 +314,9 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
         (i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work))
         for i, p in enumerate(inputs)
     ]
-    bar = dict(disable=not progress, unit='shard')
-    # the worker must be importable by a freshly spawned process, so take it from the installed module
+    # the worker must be importable by a freshly spawned process (or a Ray worker), so take it from the installed module
     worker = importlib.import_module('xgen_small.data.curate')._process_shard
-    if cfg.workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
-        with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
-            parts = list(tqdm(ex.map(worker, jobs), total=len(jobs), desc='filter+score', **bar))
-    else: parts = [worker(j) for j in tqdm(jobs, desc='filter+score', **bar)]
+    parts = (executor or LocalExecutor(cfg.workers)).map(worker, jobs, desc='filter+score', progress=progress)
     parts.sort(key=lambda p: p['shard'])
     t1 = time.perf_counter()
 
@@ -450,6 +520,25 @@ test_eq(set(s['mixture']['anneal']['shortfall']), set())                  # the 
 # %%
 test_fail(lambda: curate([tmp / 'nope.jsonl'], tmp / 'x'), contains='not found')
 test_fail(lambda: curate([], tmp / 'x'), contains='no input shards')
+test_fail(lambda: make_executor('spark'), contains="unknown executor 'spark'")
+test_fail(lambda: make_executor('local', address='auto'), contains='--address is for the ray executor')
+test_fail(lambda: LocalExecutor(0), contains='at least 1')
+test_eq(LocalExecutor(2).map(abs, [-3, 1, -2]), [3, 1, 2])                 # job order, whatever finishes first
+
+# %% [markdown]
+# The per-shard stage as Ray tasks, on a Ray instance of 2 CPUs started for the run (on a cluster: `address='auto'`),
+# gives the same kept documents and the same ledger as the processes above:
+
+# %%
+t0 = time.perf_counter()
+rres = curate([*sample_shards(), broken], tmp / 'ray', CurateConfig(), quality_model=tmp / 'out' / 'quality_model.npz',
+              progress=False, executor=RayExecutor(num_cpus=2))
+print(f"Ray: {rres.summary['kept']:,} kept of {rres.summary['lines']:,} in {time.perf_counter() - t0:.0f}s "
+      f"(the processes: {s['kept']:,} of {s['lines']:,})")
+same = lambda r, name: gzip.decompress((r.out_dir / name).read_bytes())
+test_eq(same(rres, 'ledger.jsonl.gz'), same(res, 'ledger.jsonl.gz'))
+test_eq([p.name for p in rres.kept_paths], [p.name for p in res.kept_paths])
+for a, b in zip(rres.kept_paths, res.kept_paths): test_eq(gzip.decompress(a.read_bytes()), gzip.decompress(b.read_bytes()))
 
 # %%
 #| hide

@@ -10,8 +10,10 @@ import gzip
 import importlib
 import json
 import multiprocessing as mp
+import os
 import shutil
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from .filters import default_filters
 from .mixture import MixtureConfig, default_mixture, plan_mixture
 
 # %% auto #0
-__all__ = ['CurateConfig', 'estimate_tokens', 'read_shard', 'CurateResult', 'curate']
+__all__ = ['CurateConfig', 'estimate_tokens', 'read_shard', 'LocalExecutor', 'RayExecutor', 'make_executor', 'CurateResult',
+           'curate']
 
 # %% ../../nbs/06_data_curate.ipynb #e7b33671
 @dataclass
@@ -113,6 +116,61 @@ def _process_shard(args) -> dict:
                                     sig=base64.b64encode(np.asarray(sig, np.uint64).tobytes()).decode())) + '\n')
     return dict(shard=shard_idx, path=str(out), ledger=ledger, error=error, lines=len(docs) + len(bad))
 
+# %% ../../nbs/06_data_curate.ipynb #f3b1ac3e
+class LocalExecutor:
+    "Map over jobs in this process (`workers=1`) or in `workers` spawned processes; results in job order."
+    def __init__(self, workers: int = 2):
+        if workers < 1: raise ValueError(f"workers must be at least 1, got {workers}")
+        self.workers = workers
+
+    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+        bar = dict(disable=not progress, desc=desc, unit='shard', total=len(jobs))
+        if self.workers > 1 and len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
+            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
+                return list(tqdm(ex.map(fn, jobs), **bar))
+        return [fn(j) for j in tqdm(jobs, **bar)]
+
+class RayExecutor:
+    """Map over jobs as Ray tasks (one CPU each): on a Ray instance started here (`address=None`, `num_cpus` CPUs,
+    default all) or on the cluster at `address` ('auto', 'ray://host:10001'). Ray is started and shut down around
+    the map unless it was already running."""
+    def __init__(self, address: str | None = None, num_cpus: int | None = None):
+        self.address, self.num_cpus = address, num_cpus
+
+    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+        try:
+            import ray
+        except ImportError:
+            raise ValueError("the ray executor needs Ray: pip install 'ray==2.52.1' (on every node)") from None
+        started = not ray.is_initialized()
+        if started:
+            os.environ.setdefault('RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO', '0')   # CPU tasks: leave device variables be
+            opts = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+            if self.address is None: opts['num_cpus'] = self.num_cpus
+            with warnings.catch_warnings():    # JAX warns of any fork; Ray's daemons are fork+exec, which is safe
+                warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
+                ray.init(address=self.address, **opts)
+        try:
+            task = ray.remote(num_cpus=1)(fn)
+            refs = [task.remote(j) for j in jobs]
+            pending = list(refs)
+            with tqdm(total=len(refs), disable=not progress, desc=desc, unit='shard') as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    bar.update(len(done))
+            return ray.get(refs)
+        finally:
+            if started: ray.shutdown()
+
+def make_executor(kind: str = 'local', *, workers: int = 2, address: str | None = None):
+    "`'local'` (`workers` processes) or `'ray'` (the cluster at `address`, or a local Ray with `workers` CPUs)."
+    if kind == 'local':
+        if address is not None: raise ValueError("--address is for the ray executor")
+        return LocalExecutor(workers)
+    if kind == 'ray': return RayExecutor(address, num_cpus=None if address else workers)
+    raise ValueError(f"unknown executor {kind!r}: 'local' or 'ray'")
+
 # %% ../../nbs/06_data_curate.ipynb #62d2e8f0
 @dataclass
 class CurateResult:
@@ -131,10 +189,11 @@ def _train_default_quality(path: Path) -> Path:
     return save_quality_model(train_quality([d for d in load_sample() if chain(d['text'], d['domain']) is None]), path)
 
 def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='default',
-           mixture: MixtureConfig | None = None, progress: bool = True) -> CurateResult:
+           mixture: MixtureConfig | None = None, progress: bool = True, executor=None) -> CurateResult:
     """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}.jsonl.gz, ledger.jsonl.gz, summary.json.
     `quality_model`: a saved model path, 'default' (train on the sample corpus once, cached in `out_dir`), or None
-    (skip)."""
+    (skip). `executor` runs the per-shard stage: a `LocalExecutor` of `cfg.workers` processes by default, or a
+    `RayExecutor`."""
     cfg = cfg or CurateConfig()
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.is_file()]
@@ -151,14 +210,9 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
         (i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work))
         for i, p in enumerate(inputs)
     ]
-    bar = dict(disable=not progress, unit='shard')
-    # the worker must be importable by a freshly spawned process, so take it from the installed module
+    # the worker must be importable by a freshly spawned process (or a Ray worker), so take it from the installed module
     worker = importlib.import_module('xgen_small.data.curate')._process_shard
-    if cfg.workers > 1 and len(jobs) > 1:
-        from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
-        with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
-            parts = list(tqdm(ex.map(worker, jobs), total=len(jobs), desc='filter+score', **bar))
-    else: parts = [worker(j) for j in tqdm(jobs, desc='filter+score', **bar)]
+    parts = (executor or LocalExecutor(cfg.workers)).map(worker, jobs, desc='filter+score', progress=progress)
     parts.sort(key=lambda p: p['shard'])
     t1 = time.perf_counter()
 
