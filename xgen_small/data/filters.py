@@ -22,40 +22,22 @@ __all__ = ['PUNCTUATION', 'GOPHER_STOP_WORDS', 'GOPHER_QUALITY', 'GOPHER_REPETIT
            'math_min_words', 'FilterChain', 'default_filters']
 
 # %% ../../nbs/02_data_filters.ipynb #7d6de9e6
-_URL = re.compile(r'^(?:[a-z][a-z0-9+.-]*://\S+|www\.\S+|[\w.+-]+@[\w-]+\.[\w.-]+)$', re.I)
-_PREFIX = set('"\'([{<`*#$£€¥§¡¿«“‘„‚‹&+_')
-_SUFFIX = set('"\')]}>`*,;:!?%»”’›…°_(')
-_ABBREV = re.compile(r'^(?:[A-Za-z]\.){2,}$|^(?:[A-Z][a-z]{0,3}|[a-z])\.$')
-_CONTRACTION = re.compile(r"(?i)(n['’]t|['’]s|['’]re|['’]ve|['’]ll|['’]d|['’]m)$")
-_INFIX = re.compile(r"(?<=[^\W_])(--?|—|–)(?=[^\W\d_])|(?<=\w)(\.\.\.|…)(?=\w)|(?<=[a-z])(\.)(?=[A-Z])"
-                    r"|(?<=[^\W\d_])([,:;!?])(?=[^\W\d_])|(?<=[A-Z])(/)(?=[A-Z])|(?<=[^\W_])([=+*^<>])(?=[^\W_])")
-_OPERATOR = re.compile(r'^[:=!<>]{2,}$')
-_UNIT = re.compile(r'^(\d+(?:[.,]\d+)?)([a-zA-Z]{1,3})$')
+_NLP = None
+
+def _spacy_english():
+    "spaCy's blank English pipeline (its tokenizer only), made once per process."
+    global _NLP
+    if _NLP is None:
+        import spacy
+        _NLP = spacy.blank('en')
+    return _NLP
 
 def split_words(text: str) -> list[str]:
-    """English words and punctuation tokens of `text`, split the way spaCy's rule-based English tokenizer does in common
-    cases."""
-    out = []
-    for chunk in text.split():
-        bare = chunk.rstrip(')]}>"\',.;:!?')
-        if _URL.match(bare): out.extend([bare, *chunk[len(bare):]]); continue
-        if _OPERATOR.match(chunk): out.extend(chunk); continue
-        pre, suf = [], []
-        while len(chunk) > 1 and (chunk[0] in _PREFIX or chunk.startswith('...')):
-            n = 3 if chunk.startswith('...') else 1
-            pre.append(chunk[:n]); chunk = chunk[n:]
-        while len(chunk) > 1:
-            if chunk.endswith('...'): suf.append('...'); chunk = chunk[:-3]; continue
-            if chunk[-1] in _SUFFIX: suf.append(chunk[-1]); chunk = chunk[:-1]; continue
-            if chunk.endswith('.') and not _ABBREV.match(chunk): suf.append('.'); chunk = chunk[:-1]; continue
-            m = _CONTRACTION.search(chunk)
-            if m and len(chunk) > len(m.group(1)): suf.append(m.group(1)); chunk = chunk[:-len(m.group(1))]; continue
-            break
-        if chunk.lower() == 'cannot': core = [chunk[:3], chunk[3:]]
-        elif m := _UNIT.match(chunk): core = [m.group(1), m.group(2)]
-        else: core = [p for p in _INFIX.split(chunk) if p]
-        out.extend(pre + core + suf[::-1])
-    return out
+    "Words and punctuation tokens of `text`: spaCy's English tokenizer, whitespace tokens dropped (datatrove's split)."
+    nlp = _spacy_english()
+    nlp.max_length = max(nlp.max_length, len(text) + 10)
+    with nlp.memory_zone():                 # frees the vocabulary entries this text added (a long run does not grow)
+        return [w for w in (t.text.strip() for t in nlp.tokenizer(text)) if w]
 
 # %% ../../nbs/02_data_filters.ipynb #f14966be
 PUNCTUATION = set('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~') | set('—–…“”‘’«»„‚‹›¡¿·•►。、，：；？！（）【】《》「」')
