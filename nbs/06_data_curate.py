@@ -35,7 +35,7 @@ if 'google.colab' in sys.modules:
         backend = 'tpu' if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*') else 'gpu' if shutil.which('nvidia-smi') else 'cpu'
     jax_extra = {'gpu': 'cuda12'}.get(backend, backend)
     subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', f'jax[{jax_extra}]==0.10.2', 'fastcore==1.12.47',
-                    'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
+                    'ray==2.52.1', 'xgen_small @ git+https://github.com/xgen-small/xgen_small'], check=True)
 
 # %%
 #| export
@@ -292,6 +292,12 @@ def _train_default_quality(path: Path) -> Path:
     chain = default_filters()
     return save_quality_model(train_quality([d for d in load_sample() if chain(d['text'], d['domain']) is None]), path)
 
+def _loads(path: Path) -> bool:
+    "Whether a cached default quality model is there and readable by this version (else it is retrained)."
+    from xgen_small.data.quality import load_quality_model
+    try: return path.exists() and load_quality_model(path) is not None
+    except ValueError: return False
+
 def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='default',
            mixture: MixtureConfig | None = None, progress: bool = True, executor=None) -> CurateResult:
     """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}.jsonl.gz, ledger.jsonl.gz, summary.json.
@@ -309,7 +315,7 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
     t0 = time.perf_counter()
     if quality_model == 'default':
         quality_model = out_dir / 'quality_model.npz'
-        if not quality_model.exists(): _train_default_quality(quality_model)
+        if not _loads(quality_model): _train_default_quality(quality_model)
     jobs = [
         (i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work))
         for i, p in enumerate(inputs)

@@ -688,12 +688,12 @@ test_eq(question.count('VAR '), 5 + 4)                                      # fi
 x = suite['cwe', 8192][0]
 main_list = x.input.split('\n')[-2]
 counts = {}
-for w in re.findall(r'\d+\. (\S+)', main_list): counts[w] = counts.get(w, 0) + 1
+for w in re.findall(r'\d+\. (.+?)(?= \d+\. |$)', main_list): counts[w] = counts.get(w, 0) + 1
 test_eq(sorted(counts[w] for w in x.outputs), [30] * 10)                     # 10 common words x 30
 test_eq(set(c for w, c in counts.items() if w not in x.outputs), {3})       # the rest x 3
 x = suite['cwe', 2048][0]
 counts = {}
-for w in re.findall(r'\d+\. (\S+)', x.input.split('\n')[-2]): counts[w] = counts.get(w, 0) + 1
+for w in re.findall(r'\d+\. (.+?)(?= \d+\. |$)', x.input.split('\n')[-2]): counts[w] = counts.get(w, 0) + 1
 test_eq(sorted(counts[w] for w in x.outputs), [6] * 10)                      # below 4K tokens: x 6 and x 1
 
 x = suite['fwe', 8192][0]

@@ -4,40 +4,16 @@ Both split English words with spaCy's blank English tokenizer, so the decisions 
 sample corpus's web and prose documents, and technical prose the sample does not contain (the docstrings of the
 Python standard library, where code spans, `%s` formats and `key/value` pairs made an approximate splitter disagree).
 """
-import importlib
-import warnings
-
 import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 
 from xgen_small.data.filters import gopher_quality, gopher_repetition
+from xgen_small.data.quality import docstring_corpus
 from xgen_small.data.sample import load_sample
 
 SAMPLE = [d['text'] for d in load_sample() if d['domain'] in ('web', 'prose')]
-MODULES = ('argparse asyncio collections configparser csv dataclasses datetime decimal difflib email enum functools '
-           'http.client inspect io itertools json logging os pathlib pickle random re shutil socket sqlite3 statistics '
-           'string subprocess tarfile tempfile textwrap threading typing unittest urllib.request zipfile ast heapq '
-           'doctest pdb optparse smtplib ftplib imaplib mailbox calendar locale gettext codecs struct selectors ssl '
-           'uuid base64 '
-           'html.parser xml.etree.ElementTree sched queue multiprocessing concurrent.futures contextlib copy shelve '
-           'gzip bz2 lzma hashlib hmac secrets fractions').split()
-
-
-def _docstrings() -> list[str]:
-    "Docstrings of at least 60 words of the standard library's modules above and their public members."
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        for name in MODULES:
-            mod = importlib.import_module(name)
-            for obj in [mod, *(v for k, v in sorted(vars(mod).items()) if not k.startswith('_'))]:
-                d = getattr(obj, '__doc__', None)
-                if isinstance(d, str) and len(d.split()) >= 60: out.append(d)
-    return list(dict.fromkeys(out))
-
-
-DOCSTRINGS = _docstrings()
+DOCSTRINGS = docstring_corpus()
 
 
 def _theirs(f, text):

@@ -43,7 +43,7 @@ def test_common_words_counts(length, seed):
     tok = _tok()
     s = rp.generate_samples(tok, 'cwe', length, 1, seed=seed)[0]
     counts = {}
-    for w in re.findall(r'\d+\. (\S+)', s.input.split('\n')[-2]): counts[w] = counts.get(w, 0) + 1
+    for w in re.findall(r'\d+\. (.+?)(?= \d+\. |$)', s.input.split('\n')[-2]): counts[w] = counts.get(w, 0) + 1
     assert sorted(counts[w] for w in s.outputs) == [30] * 10
     assert set(c for w, c in counts.items() if w not in s.outputs) == {3}
     assert s.tokens <= length

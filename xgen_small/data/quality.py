@@ -23,7 +23,8 @@ from .filters import GOPHER_STOP_WORDS
 
 # %% auto #0
 __all__ = ['tokens', 'word_ngram_features', 'char_ngram_features', 'SparseLogReg', 'TrigramLM', 'doc_stats', 'TinyMLP', 'fit_mlp',
-           'QualityModel', 'split_of', 'train_quality', 'save_quality_model', 'load_quality_model']
+           'QualityModel', 'split_of', 'train_quality', 'docstring_corpus', 'keyword_salad', 'sentence_shuffle',
+           'save_quality_model', 'load_quality_model']
 
 # %% ../../nbs/03_data_quality.ipynb #ed324d24
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -98,18 +99,37 @@ class SparseLogReg:
         return 1 / (1 + np.exp(-logits))
 
 # %% ../../nbs/03_data_quality.ipynb #853b2139
+def _shape(w: str) -> str:
+    "The class a word outside the kept vocabulary stands for: a number, a word, or the symbol itself."
+    return '<num>' if w[0].isdigit() else '<word>' if w[0].isalpha() else w
+
 @dataclass
 class TrigramLM:
     """Word trigram LM with interpolated absolute discounting; `score` is its mean log-probability gain over a unigram
-    model."""
+    model. With `top_words`, words outside the `top_words` most frequent of the training text are replaced by their
+    class (`<word>`, `<num>`), so the model learns word *order* (syntax) rather than vocabulary."""
     discount: float = 0.75
     max_tokens: int = 5000
+    top_words: int | None = None
+
+    def _tokens(self, text: str) -> list[str]:
+        ws = tokens(text)[:self.max_tokens]
+        return ws if self.top_words is None else [w if w in self.keep else _shape(w) for w in ws]
 
     def fit(self, texts) -> TrigramLM:
+        texts = list(texts)
+        self.keep = set()
+        if self.top_words is not None:
+            c = Counter(w for t in texts for w in tokens(t)[:self.max_tokens])
+            self.keep = {w for w, _ in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:self.top_words]}
         self.c1, self.c2, self.c3 = Counter(), Counter(), Counter()
         for t in texts:
-            ws = ['<s>', '<s>'] + tokens(t)[:self.max_tokens]
+            ws = ['<s>', '<s>'] + self._tokens(t)
             self.c1.update(ws[2:]); self.c2.update(zip(ws[1:], ws[2:])); self.c3.update(zip(ws, ws[1:], ws[2:]))
+        return self._index()
+
+    def _index(self) -> TrigramLM:
+        "Totals, and each context's count and number of distinct continuations, from the n-gram counts."
         self.n = sum(self.c1.values()); self.v = len(self.c1) + 1
         self.ctx1, self.fan1 = Counter(), Counter()          # count and distinct continuations of each context word
         for (a, b), c in self.c2.items(): self.ctx1[a] += c; self.fan1[a] += 1
@@ -129,11 +149,24 @@ class TrigramLM:
     def score(self, text: str) -> float:
         """Mean per-token gain of the trigram over the unigram model: how much the word *order* is
         predictable, independently of how rare the vocabulary is (technical words, code identifiers)."""
-        ws = ['<s>', '<s>'] + tokens(text)[:self.max_tokens]
+        ws = ['<s>', '<s>'] + self._tokens(text)
         if len(ws) == 2: return 0.0
         return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (
             len(ws) - 2
         )
+
+    def to_json(self) -> dict:
+        return dict(discount=self.discount, max_tokens=self.max_tokens, top_words=self.top_words,
+                    keep=sorted(self.keep), c1=list(self.c1.items()), c2=[[*k, v] for k, v in self.c2.items()],
+                    c3=[[*k, v] for k, v in self.c3.items()])
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrigramLM:
+        lm = cls(d['discount'], d['max_tokens'], d.get('top_words'))
+        lm.keep = set(d.get('keep', ()))
+        lm.c1 = Counter(dict(d['c1'])); lm.c2 = Counter({(a, b): c for a, b, c in d['c2']})
+        lm.c3 = Counter({(a, b, c_): c for a, b, c_, c in d['c3']})
+        return lm._index()
 
 # %% ../../nbs/03_data_quality.ipynb #4a71ea09
 def doc_stats(text: str, lm: TrigramLM) -> np.ndarray:
@@ -199,6 +232,8 @@ class QualityModel:
     stacker: np.ndarray                       # weights for [char LR, MLP, LM z-score, stage 1] logits, then bias
     stage1_threshold: dict = field(default_factory=lambda: {'default': 0.1})
     threshold: dict = field(default_factory=lambda: {'default': 0.5})
+    coherence: TrigramLM | None = None        # the syntax LM: a document whose word order it cannot predict is dropped
+    min_coherence: float = 0.0                # nats per token the trigram must gain over the unigram model
 
     def _t(self, table: dict, domain: str) -> float: return table.get(domain, table['default'])
 
@@ -221,7 +256,8 @@ class QualityModel:
         return 1 / (1 + np.exp(-z))
 
     def classify(self, docs) -> list[tuple[float, str | None]]:
-        "(score, reason or None) per document; stage 2 runs only on documents stage 1 keeps."
+        """(score, reason or None) per document; stage 2 runs only on documents stage 1 keeps, the coherence check only
+    on documents stage 2 keeps."""
         s1 = self.stage1_scores(docs)
         out = [(float(p), 'quality.stage1') for p in s1]
         keep = [i for i, d in enumerate(docs) if s1[i] >= self._t(self.stage1_threshold, d['domain'])]
@@ -229,6 +265,10 @@ class QualityModel:
             s2 = self.stage2_scores([docs[i] for i in keep], s1[keep])
             for i, p in zip(keep, s2):
                 out[i] = (float(p), None if p >= self._t(self.threshold, docs[i]['domain']) else 'quality.stage2')
+        if self.coherence is not None:
+            for i, (p, r) in enumerate(out):
+                if r is None and self.coherence.score(docs[i]['text']) < self.min_coherence:
+                    out[i] = (p, 'quality.incoherent')
         return out
 
 # %% ../../nbs/03_data_quality.ipynb #1ac92a9b
@@ -249,10 +289,11 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     stage1 = SparseLogReg().fit([word_ngram_features(d['text'], d['domain']) for d in train], y(train))
     char_lr = SparseLogReg().fit([char_ngram_features(d['text'], d['domain']) for d in train], y(train))
     lm = TrigramLM().fit(d['text'] for d in train if d['meta']['quality'] == 'high')
+    coherence = TrigramLM(top_words=300).fit(d['text'] for d in train if d['meta']['quality'] == 'high')
     stats = np.stack([doc_stats(d['text'], lm) for d in train])
     mean, std = stats.mean(0), stats.std(0) + 1e-6
     mlp = fit_mlp((stats - mean) / std, y(train), seed=seed)
-    model = QualityModel(stage1, char_lr, lm, mlp, mean, std, np.zeros(5, np.float32), **thresholds)
+    model = QualityModel(stage1, char_lr, lm, mlp, mean, std, np.zeros(5, np.float32), coherence=coherence, **thresholds)
     # stacker: logistic regression on the validation split's component scores
     xv = np.concatenate([model.stage2_components(val), _logit(model.stage1_scores(val))[:, None]], axis=1)
     yv, sw = jnp.asarray(y(val)), jnp.asarray(_balanced_weights(y(val)))
@@ -266,24 +307,63 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     model.stacker = np.asarray(p)
     return model
 
+# %% ../../nbs/03_data_quality.ipynb #ed22739a
+_EVAL_MODULES = (
+    'argparse asyncio collections configparser csv dataclasses datetime decimal difflib email enum functools '
+    'http.client inspect io itertools json logging os pathlib pickle random re shutil socket sqlite3 statistics '
+    'string subprocess tarfile tempfile textwrap threading typing unittest urllib.request zipfile ast heapq doctest '
+    'pdb optparse smtplib ftplib imaplib mailbox calendar locale gettext codecs struct selectors ssl uuid base64 '
+    'html.parser xml.etree.ElementTree sched queue multiprocessing concurrent.futures contextlib copy shelve gzip '
+    'bz2 lzma hashlib hmac secrets fractions'
+).split()
+
+def docstring_corpus(min_words: int = 60) -> list[str]:
+    "Docstrings of at least `min_words` words of standard-library modules and their public members (unseen prose)."
+    import importlib
+    import warnings
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for name in _EVAL_MODULES:
+            mod = importlib.import_module(name)
+            for obj in [mod, *(v for k, v in sorted(vars(mod).items()) if not k.startswith('_'))]:
+                d = getattr(obj, '__doc__', None)
+                if isinstance(d, str) and len(d.split()) >= min_words: out.append(d)
+    return list(dict.fromkeys(out))
+
+def keyword_salad(texts: list[str], n_words: int, rng, sentences: bool = True) -> str:
+    "`n_words` words drawn at random from `texts` (stop words included), as capitalised sentences or one run."
+    pool = [w for w in (x.strip('.,;:()"\'') for t in texts for x in t.split()) if w]
+    ws = [rng.choice(pool) for _ in range(n_words)]
+    if not sentences: return ' '.join(ws)
+    out, i = [], 0
+    while i < len(ws):
+        k = rng.randint(8, 16); sent = ' '.join(ws[i:i + k]); i += k
+        out.append(sent[0].upper() + sent[1:] + '.')
+    return ' '.join(out)
+
+def sentence_shuffle(texts: list[str], rng, max_sentences: int = 40) -> str:
+    "The sentences of `texts` (unrelated documents) interleaved at random."
+    sents = [x for t in texts for x in re.split(r'(?<=[.!?])\s+', t.strip()) if x]
+    rng.shuffle(sents)
+    return ' '.join(sents[:max_sentences])
+
 # %% ../../nbs/03_data_quality.ipynb #40d52d74
 def save_quality_model(model: QualityModel, path) -> Path:
     "Write `model` to one `.npz` file."
     path = Path(path)
     g, mlp_state = nnx.split(model.mlp)
     flat = {'/'.join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(mlp_state)}
-    lm = model.lm
     meta = dict(
+        format=2,
         stage1_threshold=model.stage1_threshold,
         threshold=model.threshold,
-        discount=lm.discount,
-        max_tokens=lm.max_tokens,
         n_in=int(model.stats_mean.shape[0]),
         dims=[model.stage1.dim, model.char_lr.dim],
         b=[model.stage1.b, model.char_lr.b],
-        c1=list(lm.c1.items()),
-        c2=[[*k, v] for k, v in lm.c2.items()],
-        c3=[[*k, v] for k, v in lm.c3.items()],
+        lm=model.lm.to_json(),
+        coherence=None if model.coherence is None else model.coherence.to_json(),
+        min_coherence=model.min_coherence,
     )
     np.savez_compressed(
         path,
@@ -301,19 +381,15 @@ def load_quality_model(path) -> QualityModel:
     "Read a model written by `save_quality_model`."
     z = np.load(path)
     meta = json.loads(z['meta'].tobytes())
-    lm = TrigramLM(meta['discount'], meta['max_tokens'])
-    lm.c1 = Counter(dict(meta['c1'])); lm.c2 = Counter({(a, b): c for a, b, c in meta['c2']})
-    lm.c3 = Counter({(a, b, c_): c for a, b, c_, c in meta['c3']})
-    lm.n = sum(lm.c1.values()); lm.v = len(lm.c1) + 1
-    lm.ctx1, lm.fan1, lm.ctx2, lm.fan2 = Counter(), Counter(), Counter(), Counter()
-    for (a, b), c in lm.c2.items(): lm.ctx1[a] += c; lm.fan1[a] += 1
-    for (a, b, _), c in lm.c3.items(): lm.ctx2[(a, b)] += c; lm.fan2[(a, b)] += 1
+    if meta.get('format') != 2:
+        raise ValueError(f"{path} was saved by an earlier version (without the coherence model); train a new one")
+    lm = TrigramLM.from_json(meta['lm'])
+    coherence = None if meta['coherence'] is None else TrigramLM.from_json(meta['coherence'])
     mlp = TinyMLP(meta['n_in'], rngs=nnx.Rngs(0))
     g, state = nnx.split(mlp)
     flat = [(k, v.replace(jnp.asarray(z['mlp/' + '/'.join(map(str, k))]))) for k, v in nnx.to_flat_state(state)]
     mlp = nnx.merge(g, nnx.from_flat_state(flat))
     s1 = SparseLogReg(dim=meta['dims'][0], w=z['stage1_w'], b=meta['b'][0])
     ch = SparseLogReg(dim=meta['dims'][1], w=z['char_w'], b=meta['b'][1])
-    return QualityModel(
-        s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'], meta['threshold']
-    )
+    return QualityModel(s1, ch, lm, mlp, z['stats_mean'], z['stats_std'], z['stacker'], meta['stage1_threshold'],
+                        meta['threshold'], coherence, meta['min_coherence'])
