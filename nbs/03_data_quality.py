@@ -417,7 +417,8 @@ def train_quality(docs: list[dict], seed: int = 0, **thresholds) -> QualityModel
     stats = np.stack([doc_stats(d['text'], lm) for d in train])
     mean, std = stats.mean(0), stats.std(0) + 1e-6
     mlp = fit_mlp((stats - mean) / std, y(train), seed=seed)
-    model = QualityModel(stage1, char_lr, lm, mlp, mean, std, np.zeros(5, np.float32), coherence=coherence, **thresholds)
+    model = QualityModel(stage1, char_lr, lm, mlp, mean, std, np.zeros(5, np.float32), coherence=coherence,
+                         **thresholds)
     # stacker: logistic regression on the validation split's component scores
     xv = np.concatenate([model.stage2_components(val), _logit(model.stage1_scores(val))[:, None]], axis=1)
     yv, sw = jnp.asarray(y(val)), jnp.asarray(_balanced_weights(y(val)))
