@@ -89,3 +89,15 @@ def test_seqpar_memory_benchmark_quick():
     assert long['ring'] < 6 * short['ring']                            # 4x the tokens per device: linear, not 16x
     assert spread['ring'] < long['ring']                               # more devices on the sequence: less each
     assert long['xla'] > 10 * long['ring']                             # the plain layer's [T, T] scores
+
+
+def test_curation_benchmark_quick():
+    "Ours (rules + dedup) and datatrove's pipeline on a quarter of the sample: both run and report."
+    r = subprocess.run(
+        [sys.executable, str(BENCH / 'curation.py'), '--quick', '--systems', 'ours-rules+dedup,datatrove', '--json'],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = {row['system']: row for row in json.loads(r.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {'ours-rules+dedup', 'datatrove'}
+    assert all(row['docs_per_s'] > 0 and 0 < row['kept'] <= row['documents'] for row in rows.values())

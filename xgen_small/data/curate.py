@@ -90,6 +90,18 @@ def _parse(raw: bytes, n: int, path: Path, cfg: CurateConfig, known_domains):
     return None, dict(id=doc_id, domain=domain, text=text)
 
 # %% ../../nbs/06_data_curate.ipynb #eb05c37d
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB: Linux's VmHWM (its own since it started, where `ru_maxrss`
+    carries over the parent's peak across fork and exec), else `ru_maxrss`."""
+    try:
+        for line in open('/proc/self/status'):
+            if line.startswith('VmHWM:'): return round(int(line.split()[1]) / 1024, 1)
+    except OSError: pass
+    import resource
+    import sys
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (2**20 if sys.platform == 'darwin' else 2**10), 1)
+
 def _process_shard(args) -> dict:
     shard_idx, path, cfg, quality_path, work_dir = args
     cfg = CurateConfig(**cfg)          # sent as a plain dict: spawned processes unpickle only importable types
@@ -114,7 +126,8 @@ def _process_shard(args) -> dict:
             f.write(json.dumps(dict(shard=shard_idx, line=n, id=d['id'], domain=d['domain'], text=d['text'], quality=q,
                                     exact=exact_key(d['text'], lowercase=cfg.exact_lowercase).hex(),
                                     sig=base64.b64encode(np.asarray(sig, np.uint64).tobytes()).decode())) + '\n')
-    return dict(shard=shard_idx, path=str(out), ledger=ledger, error=error, lines=len(docs) + len(bad))
+    return dict(shard=shard_idx, path=str(out), ledger=ledger, error=error, lines=len(docs) + len(bad),
+                peak_rss_mb=_peak_rss_mb())
 
 # %% ../../nbs/06_data_curate.ipynb #f3b1ac3e
 class LocalExecutor:
@@ -308,6 +321,7 @@ def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='d
             for ph in plan.phases
         },
         seconds=dict(filter_score=round(t1 - t0, 2), dedup=round(t2 - t1, 2), total=round(time.perf_counter() - t0, 2)),
+        peak_rss_mb=dict(worker=max(p['peak_rss_mb'] for p in parts), driver=_peak_rss_mb()),   # per process
         config=asdict(cfg),
     )
     if summary['kept'] + summary['dropped'] != lines or len(ledger) != lines:
