@@ -26,10 +26,8 @@ Worker RSS of datatrove's forked workers is `ru_maxrss` of the children, which o
 inherited from its parent at fork.
 """
 import argparse
-import contextlib
 import gzip
 import json
-import os
 import random
 import resource
 import subprocess
@@ -37,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from dedup import _quiet  # noqa: E402  (the sibling script: silences datatrove's logs at the fd level)
 
 SYSTEMS = ('ours-local', 'ours-ray', 'ours-rules+dedup', 'datatrove')
 
@@ -72,20 +72,6 @@ def make_corpus(n_copies: int, out: Path, quick: bool = False) -> tuple[list[Pat
             n += 1; size += len(line.encode())
     for f in files: f.close()
     return sorted(out.glob('shard-*.jsonl')), n, size
-
-
-@contextlib.contextmanager
-def _quiet():
-    "Silence stdout/stderr at the file-descriptor level (datatrove logs every task)."
-    sys.stdout.flush(); sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1); os.dup2(null, 2)
-    try: yield
-    finally:
-        sys.stdout.flush(); sys.stderr.flush()
-        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
-        for fd in (*saved, null): os.close(fd)
 
 
 def run_ours(shards, work: Path, workers: int, executor: str, quality: Path | None) -> dict:

@@ -497,7 +497,7 @@ def evaluate_published(model, tok, tasks=None, lengths=(4096,), *, n: int = 10, 
     eot = tok.eos_id if tok.eos_id is not None else tok.turn_end_ids[0]
     rows = []
     for task in tasks:
-        family, a = TASKS[task] if task in TASKS else (None, {})
+        a = TASKS.get(task, (None, {}))[1]          # an unknown task is named by generate_samples
         for L in lengths:
             samples = generate_samples(tok, task, L, n, seed=seed, templates=templates, essays=essays,
                                        qa=(qa or {}).get(a.get('dataset')), bos=bos)
