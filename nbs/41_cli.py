@@ -225,9 +225,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument('inputs', nargs='+', metavar='IN', help='JSONL or JSONL.gz shards (one JSON object per line)')
     c.add_argument('--out', required=True, help='output directory')
     c.add_argument('--workers', type=int, default=2,
-                   help='processes for the per-shard stage (with --executor ray and no --address: local Ray CPUs)')
+                   help='processes for the stages (with --executor ray and no --address: local Ray CPUs)')
     c.add_argument('--executor', choices=('local', 'ray'), default='local',
-                   help="who runs the per-shard stage: processes here, or Ray tasks (notebook 06)")
+                   help="who runs the stages' jobs: processes here, or Ray tasks (notebook 06)")
+    c.add_argument('--partitions', type=int, default=None,
+                   help='hash partitions of the dedup stage (default: one per input shard)')
     c.add_argument('--address', default=None,
                    help="--executor ray: an existing cluster ('auto' on a cluster node, 'ray://head:10001')")
     c.add_argument('--quality-model', default='default',
@@ -549,12 +551,12 @@ def _presets_cmd(args) -> None:
 def _curate_cmd(args) -> None:
     from xgen_small.data.curate import CurateConfig, curate, make_executor
     cfg = CurateConfig(workers=args.workers, default_domain=args.default_domain,
-                       dedup_threshold=args.dedup_threshold, total_tokens=args.total_tokens)
+                       dedup_threshold=args.dedup_threshold, total_tokens=args.total_tokens, partitions=args.partitions)
     qm = None if args.quality_model == 'none' else args.quality_model
     ex = make_executor(args.executor, workers=args.workers, address=args.address)
     s = curate(args.inputs, args.out, cfg, quality_model=qm, progress=not args.no_progress, executor=ex).summary
     print(f"{s['lines']:,} lines: {s['kept']:,} kept, {s['dropped']:,} dropped ({s['seconds']['total']}s); "
-          f"ledger and summary in {args.out}")
+          f"kept/, ledger/ and summary.json in {args.out}")
     for reason, n in sorted(s['reasons'].items(), key=lambda kv: -kv[1]): print(f'  {n:6,}  {reason}')
     for e in s['inputs']:
         if e['error']: print(f"  shard {e['path']}: {e['error']}", file=sys.stderr)

@@ -5,8 +5,8 @@
 # %% ../../nbs/06_data_curate.ipynb #760ac6b5
 from __future__ import annotations
 
-import base64
 import gzip
+import hashlib
 import importlib
 import json
 import multiprocessing as mp
@@ -23,13 +23,13 @@ from datasketch import LeanMinHash
 from tqdm.auto import tqdm
 
 from ..config import Config
-from .dedup import FuzzyDedup, exact_key, minhash, shingle_hashes
+from .dedup import FuzzyDedup, UnionFind, exact_key, lsh_params, minhash, shingle_hashes
 from .filters import default_filters
 from .mixture import MixtureConfig, default_mixture, plan_mixture
 
 # %% auto #0
-__all__ = ['CurateConfig', 'estimate_tokens', 'read_shard', 'LocalExecutor', 'RayExecutor', 'make_executor', 'CurateResult',
-           'curate']
+__all__ = ['EXACT_REC', 'BAND_REC', 'CurateConfig', 'estimate_tokens', 'read_shard', 'band_keys', 'LocalExecutor', 'RayExecutor',
+           'make_executor', 'resolve_duplicates', 'survivors', 'dedup_in_memory', 'CurateResult', 'curate']
 
 # %% ../../nbs/06_data_curate.ipynb #e7b33671
 @dataclass
@@ -46,6 +46,7 @@ class CurateConfig(Config):
     ngram: int = 5
     total_tokens: float | None = None     # mixture budget across phases; None: the kept corpus's own size
     workers: int = 2
+    partitions: int | None = None         # hash partitions of the dedup stage; None: one per input shard
 
 def estimate_tokens(text: str) -> int:
     "A tokenizer-free token count: about four UTF-8 bytes per BPE token (replaced by real counts once tokenised)."
@@ -90,6 +91,9 @@ def _parse(raw: bytes, n: int, path: Path, cfg: CurateConfig, known_domains):
     return None, dict(id=doc_id, domain=domain, text=text)
 
 # %% ../../nbs/06_data_curate.ipynb #eb05c37d
+EXACT_REC = np.dtype([('k0', '<u8'), ('k1', '<u8'), ('gid', '<i8')])
+BAND_REC = np.dtype([('k0', '<u8'), ('k1', '<u8'), ('e0', '<u8'), ('e1', '<u8'), ('gid', '<i8')])
+
 def _peak_rss_mb() -> float:
     """This process's peak resident memory so far, in MB: Linux's VmHWM (its own since it started, where `ru_maxrss`
     carries over the parent's peak across fork and exec), else `ru_maxrss`."""
@@ -102,8 +106,23 @@ def _peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(r / (2**20 if sys.platform == 'darwin' else 2**10), 1)
 
+def band_keys(sig: np.ndarray, params: tuple[int, int]) -> np.ndarray:
+    "The `bands` LSH keys of one signature under `params = (bands, rows)`: a (bands, 2) uint64 array of digests."
+    b, r = params
+    return np.frombuffer(b''.join(hashlib.blake2b(sig[j * r:(j + 1) * r].tobytes(), digest_size=16,
+                                                  salt=j.to_bytes(8, 'little')).digest() for j in range(b)),
+                         '<u8').reshape(b, 2)
+
+def _by_partition(rec: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
+    "Records sorted (stably) by their partition, `k0 mod parts`, and the offsets of each partition."
+    p = rec['k0'] % np.uint64(parts)
+    order = np.argsort(p, kind='stable')
+    return rec[order], np.searchsorted(p[order], np.arange(parts + 1, dtype=np.uint64))
+
+def _shard_dir(work, s: int) -> Path: return Path(work) / f's{s:05d}'
+
 def _process_shard(args) -> dict:
-    shard_idx, path, cfg, quality_path, work_dir = args
+    shard_idx, path, cfg, quality_path, work_dir, parts = args
     cfg = CurateConfig(**cfg)          # sent as a plain dict: spawned processes unpickle only importable types
     chain = default_filters()
     qm = None
@@ -118,63 +137,96 @@ def _process_shard(args) -> dict:
         if r: ledger.append(dict(shard=shard_idx, line=n, id=d['id'], status='dropped', reason=r))
         else: survivors.append((n, d))
     scores = [(1.0, None)] * len(survivors) if qm is None else qm.classify([d for _, d in survivors])
-    out = Path(work_dir) / f'shard-{shard_idx:05d}.jsonl.gz'
-    with gzip.open(out, 'wt', encoding='utf-8') as f:
+    params = lsh_params(cfg.dedup_threshold, cfg.num_perm, fp_weight=0.2, fn_weight=0.8)   # as FuzzyDedup's
+    d_out = _shard_dir(work_dir, shard_idx); d_out.mkdir(parents=True, exist_ok=True)
+    meta = dict(line=[], quality=[], ntok=[], domain=[]); ids, sigs, exact, bands = [], [], [], []
+    with gzip.open(d_out / 'docs.jsonl.gz', 'wt', encoding='utf-8') as f:
         for (n, d), (q, r) in zip(survivors, scores):
             if r: ledger.append(dict(shard=shard_idx, line=n, id=d['id'], status='dropped', reason=r)); continue
-            sig = minhash(shingle_hashes(d['text'], cfg.ngram), cfg.num_perm).hashvalues
-            f.write(json.dumps(dict(shard=shard_idx, line=n, id=d['id'], domain=d['domain'], text=d['text'], quality=q,
-                                    exact=exact_key(d['text'], lowercase=cfg.exact_lowercase).hex(),
-                                    sig=base64.b64encode(np.asarray(sig, np.uint64).tobytes()).decode())) + '\n')
-    return dict(shard=shard_idx, path=str(out), ledger=ledger, error=error, lines=len(docs) + len(bad),
-                peak_rss_mb=_peak_rss_mb())
+            gid = shard_idx << 32 | len(ids)
+            sig = minhash(shingle_hashes(d['text'], cfg.ngram), cfg.num_perm).hashvalues.astype(np.uint64)
+            e0, e1 = np.frombuffer(exact_key(d['text'], lowercase=cfg.exact_lowercase), '<u8').tolist()
+            exact.append((e0, e1, gid))
+            bands.extend((k0, k1, e0, e1, gid) for k0, k1 in band_keys(sig, params).tolist())
+            for k, v in zip(meta, (n, q, estimate_tokens(d['text']), d['domain'])): meta[k].append(v)
+            ids.append(d['id']); sigs.append(sig)
+            f.write(json.dumps(dict(line=n, id=d['id'], domain=d['domain'], text=d['text'])) + '\n')
+    np.savez(d_out / 'meta.npz', line=np.array(meta['line'], np.int64), quality=np.array(meta['quality'], np.float64),
+             ntok=np.array(meta['ntok'], np.int64), domain=np.array(meta['domain'], dtype=str))
+    (d_out / 'ids.json').write_text(json.dumps(ids))
+    np.save(d_out / 'sig.npy', np.array(sigs, np.uint64).reshape(len(sigs), cfg.num_perm))
+    for name, rec in (('exact', np.array(exact, EXACT_REC)), ('band', np.array(bands, BAND_REC))):
+        rec, off = _by_partition(rec, parts)
+        np.save(d_out / f'{name}.npy', rec); np.save(d_out / f'{name}_off.npy', off)
+    with open(d_out / 'ledger.jsonl', 'w') as f:
+        for e in ledger: f.write(json.dumps(e) + '\n')
+    return dict(shard=shard_idx, error=error, lines=len(docs) + len(bad), survivors=len(ids),
+                reasons=Counter(e['reason'] for e in ledger), peak_rss_mb=_peak_rss_mb())
 
 # %% ../../nbs/06_data_curate.ipynb #f3b1ac3e
 class LocalExecutor:
     "Map over jobs in this process (`workers=1`) or in `workers` spawned processes; results in job order."
     def __init__(self, workers: int = 2):
         if workers < 1: raise ValueError(f"workers must be at least 1, got {workers}")
-        self.workers = workers
+        self.workers, self._pool, self._depth = workers, None, 0
+
+    def __enter__(self):
+        self._depth += 1
+        if self.workers > 1 and self._pool is None:
+            from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context('spawn'))
+        return self
+
+    def __exit__(self, *exc):
+        self._depth -= 1
+        if self._depth == 0 and self._pool is not None: self._pool.shutdown(); self._pool = None
 
     def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
-        bar = dict(disable=not progress, desc=desc, unit='shard', total=len(jobs))
+        bar = dict(disable=not progress, desc=desc, unit='job', total=len(jobs))
+        if self._pool is not None and len(jobs) > 1: return list(tqdm(self._pool.map(fn, jobs), **bar))
         if self.workers > 1 and len(jobs) > 1:
-            from concurrent.futures import ProcessPoolExecutor  # raises if a worker dies, where a Pool would hang
-            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=mp.get_context('spawn')) as ex:
-                return list(tqdm(ex.map(fn, jobs), **bar))
+            with self: return self.map(fn, jobs, desc, progress)
         return [fn(j) for j in tqdm(jobs, **bar)]
 
 class RayExecutor:
     """Map over jobs as Ray tasks (one CPU each): on a Ray instance started here (`address=None`, `num_cpus` CPUs,
     default all) or on the cluster at `address` ('auto', 'ray://host:10001'). Ray is started and shut down around
-    the map unless it was already running."""
+    the map (or the `with` block) unless it was already running."""
     def __init__(self, address: str | None = None, num_cpus: int | None = None):
-        self.address, self.num_cpus = address, num_cpus
+        self.address, self.num_cpus, self._started = address, num_cpus, False
 
-    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+    def __enter__(self):
         try:
             import ray
         except ImportError:
             raise ValueError("the ray executor needs Ray: pip install 'ray==2.52.1' (on every node)") from None
-        started = not ray.is_initialized()
-        if started:
+        if not ray.is_initialized():
             os.environ.setdefault('RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO', '0')   # CPU tasks: leave device variables be
             opts = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
             if self.address is None: opts['num_cpus'] = self.num_cpus
             with warnings.catch_warnings():    # JAX warns of any fork; Ray's daemons are fork+exec, which is safe
                 warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
                 ray.init(address=self.address, **opts)
-        try:
-            task = ray.remote(num_cpus=1)(fn)
-            refs = [task.remote(j) for j in jobs]
-            pending = list(refs)
-            with tqdm(total=len(refs), disable=not progress, desc=desc, unit='shard') as bar:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    bar.update(len(done))
-            return ray.get(refs)
-        finally:
-            if started: ray.shutdown()
+            self._started = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._started:
+            import ray
+            ray.shutdown(); self._started = False
+
+    def map(self, fn, jobs: list, desc: str = '', progress: bool = False) -> list:
+        import ray
+        if not ray.is_initialized():
+            with self: return self.map(fn, jobs, desc, progress)
+        task = ray.remote(num_cpus=1)(fn)
+        refs = [task.remote(j) for j in jobs]
+        pending = list(refs)
+        with tqdm(total=len(refs), disable=not progress, desc=desc, unit='job') as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)
 
 def make_executor(kind: str = 'local', *, workers: int = 2, address: str | None = None):
     "`'local'` (`workers` processes) or `'ray'` (the cluster at `address`, or a local Ray with `workers` CPUs)."
@@ -183,6 +235,142 @@ def make_executor(kind: str = 'local', *, workers: int = 2, address: str | None 
         return LocalExecutor(workers)
     if kind == 'ray': return RayExecutor(address, num_cpus=None if address else workers)
     raise ValueError(f"unknown executor {kind!r}: 'local' or 'ray'")
+
+# %% ../../nbs/06_data_curate.ipynb #5d82f180
+def _gather(work, n_shards: int, name: str, p: int, dtype) -> np.ndarray:
+    "Partition `p`'s records of table `name` from every shard."
+    out = []
+    for s in range(n_shards):
+        d = _shard_dir(work, s)
+        off = np.load(d / f'{name}_off.npy')
+        if off[p + 1] > off[p]: out.append(np.array(np.load(d / f'{name}.npy', mmap_mode='r')[off[p]:off[p + 1]]))
+    return np.concatenate(out) if out else np.zeros(0, dtype)
+
+def _runs(rec: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "Start and end of each run of equal (k0, k1) in records sorted by them."
+    new = np.ones(len(rec), bool)
+    new[1:] = (rec['k0'][1:] != rec['k0'][:-1]) | (rec['k1'][1:] != rec['k1'][:-1])
+    starts = np.flatnonzero(new)
+    return starts, np.append(starts[1:], len(rec)).astype(np.int64)
+
+def _exact_partition(args) -> dict:
+    p, work, n_shards = args
+    rec = np.sort(_gather(work, n_shards, 'exact', p, EXACT_REC), order=['k0', 'k1', 'gid'])
+    starts, ends = _runs(rec)
+    first = np.repeat(rec['gid'][starts], ends - starts)
+    dup = np.ones(len(rec), bool); dup[starts] = False
+    multi = ends - starts > 1
+    np.savez(Path(work) / f'exact-{p:05d}.npz', dup=rec['gid'][dup], dup_of=first[dup],
+             first=rec['gid'][starts[multi]], count=(ends - starts)[multi])
+    return dict(partition=p, records=len(rec), peak_rss_mb=_peak_rss_mb())
+
+def _band_partition(args) -> dict:
+    p, work, n_shards, num_perm, threshold = args
+    rec = np.sort(_gather(work, n_shards, 'band', p, BAND_REC), order=['k0', 'k1', 'gid'])
+    starts, ends = _runs(rec)
+    sigs, uf, edges, compared = {}, UnionFind(), [], 0
+    for a, b in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
+        g = rec[a:b]
+        _, first = np.unique(np.stack([g['e0'], g['e1']], 1), axis=0, return_index=True)   # one copy per text
+        if len(first) < 2: continue
+        gids = g['gid'][np.sort(first)].tolist()
+        for s in {x >> 32 for x in gids} - sigs.keys():
+            sigs[s] = np.load(_shard_dir(work, s) / 'sig.npy', mmap_mode='r')
+        S = np.stack([sigs[x >> 32][x & 0xFFFFFFFF] for x in gids])
+        for j in range(1, len(gids)):
+            jac = np.count_nonzero(S[:j] == S[j], axis=1) / np.float64(num_perm)
+            compared += j
+            for i in np.flatnonzero(jac >= threshold).tolist():
+                if uf.find(gids[i]) != uf.find(gids[j]): uf.union(gids[i], gids[j]); edges.append((gids[i], gids[j]))
+    np.save(Path(work) / f'edges-{p:05d}.npy', np.array(edges, np.int64).reshape(-1, 2))
+    return dict(partition=p, records=len(rec), compared=compared, edges=len(edges), peak_rss_mb=_peak_rss_mb())
+
+# %% ../../nbs/06_data_curate.ipynb #e97f9da8
+def resolve_duplicates(work, n_shards: int, parts: int) -> tuple[dict, dict]:
+    "Stage 3 over stage 2's files: ({gid: (reason, gid duplicated)} for dropped, {gid: frequency} where it is > 1)."
+    work = Path(work)
+    drops, count = {}, {}
+    for p in range(parts):
+        z = np.load(work / f'exact-{p:05d}.npz')
+        drops.update((g, ('dedup.exact', f)) for g, f in zip(z['dup'].tolist(), z['dup_of'].tolist()))
+        count.update(zip(z['first'].tolist(), z['count'].tolist()))
+    uf = UnionFind()
+    for p in range(parts):
+        for a, b in np.load(work / f'edges-{p:05d}.npy').tolist(): uf.union(a, b)
+    clusters: dict = {}
+    for g in uf.parent: clusters.setdefault(uf.find(g), []).append(g)
+    quality = {}
+    for s in sorted({g >> 32 for g in uf.parent}):
+        q = np.load(_shard_dir(work, s) / 'meta.npz')['quality']
+        quality.update((g, float(q[g & 0xFFFFFFFF])) for g in uf.parent if g >> 32 == s)
+    freq = {g: c for g, c in count.items()}
+    for members in clusters.values():
+        rep = max(members, key=lambda g: (quality[g], -g))
+        freq[rep] = sum(count.get(m, 1) for m in members)
+        drops.update((m, ('dedup.fuzzy', rep)) for m in members if m != rep)
+    return drops, {g: f for g, f in freq.items() if g not in drops and f > 1}
+
+def survivors(work, n_shards: int) -> list[dict]:
+    "Stage 1's survivors in gid order, as the records `dedup_in_memory` takes (gid, id, quality, exact digest, sig)."
+    out = []
+    for s in range(n_shards):
+        d = _shard_dir(work, s)
+        ex = np.load(d / 'exact.npy'); ex = {g: (a, b) for a, b, g in ex.tolist()}
+        q, sig = np.load(d / 'meta.npz')['quality'], np.load(d / 'sig.npy')
+        ids = json.loads((d / 'ids.json').read_text())
+        out += [dict(gid=s << 32 | i, id=ids[i], quality=float(q[i]), exact=ex[s << 32 | i], sig=sig[i])
+                for i in range(len(ids))]
+    return out
+
+def dedup_in_memory(records: list[dict], cfg: CurateConfig) -> tuple[dict, dict]:
+    "`resolve_duplicates`' result computed in one process with `FuzzyDedup`, from all the survivors' records."
+    first, copies, unique, drops = {}, Counter(), [], {}
+    for r in records:
+        copies[r['exact']] += 1
+        if r['exact'] in first: drops[r['gid']] = ('dedup.exact', first[r['exact']])
+        else: first[r['exact']] = r['gid']; unique.append(r)
+    fd = FuzzyDedup(threshold=cfg.dedup_threshold, num_perm=cfg.num_perm, ngram=cfg.ngram, verify='signature')
+    for r in unique:
+        fd.add(r['gid'], signature=(None, LeanMinHash(seed=fd.seed, hashvalues=r['sig'], scheme='affine64')))
+    exact_of = {r['gid']: r['exact'] for r in unique}
+    freq = {}
+    for rep, members in fd.clusters(scores={r['gid']: r['quality'] for r in unique}).items():
+        freq[rep] = sum(copies[exact_of[m]] for m in members)
+        drops.update((m, ('dedup.fuzzy', rep)) for m in members[1:])
+    return drops, {g: f for g, f in freq.items() if f > 1}
+
+# %% ../../nbs/06_data_curate.ipynb #875fd744
+def _write_shard(args) -> dict:
+    s, work, out_dir, source, phases = args
+    d, out_dir = _shard_dir(work, s), Path(out_dir)
+    drops = {int(k): v for k, v in json.loads((d / 'dedup.json').read_text()).items()}
+    plan = np.load(d / 'plan.npz')
+    row = {i: k for k, i in enumerate(plan['idx'].tolist())}
+    entries = [json.loads(l) for l in open(d / 'ledger.jsonl')]
+    files, reasons, kept = {}, Counter(), Counter()
+    for i, line in enumerate(gzip.open(d / 'docs.jsonl.gz', 'rt', encoding='utf-8')):
+        doc = json.loads(line)
+        if i in drops:
+            reason, of = drops[i]
+            entries.append(dict(shard=s, line=doc['line'], id=doc['id'], status='dropped', reason=reason,
+                                duplicate_of=of))
+            continue
+        k = row[i]
+        rec = dict(id=doc['id'], domain=doc['domain'], text=doc['text'], quality=round(float(plan['quality'][k]), 6),
+                   frequency=int(plan['frequency'][k]), n_tokens=int(plan['ntok'][k]),
+                   epochs={ph: round(float(plan['epochs'][k, j]), 6) for j, ph in enumerate(phases)},
+                   source=dict(shard=source, line=doc['line']))
+        if doc['domain'] not in files:
+            files[doc['domain']] = gzip.open(out_dir / 'kept' / f"{doc['domain']}-{s:05d}.jsonl.gz", 'wt',
+                                             encoding='utf-8')
+        files[doc['domain']].write(json.dumps(rec, ensure_ascii=False) + '\n'); kept[doc['domain']] += 1
+        entries.append(dict(shard=s, line=doc['line'], id=doc['id'], status='kept', reason=None))
+    for f in files.values(): f.close()
+    entries.sort(key=lambda e: e['line'])
+    with gzip.open(out_dir / 'ledger' / f'{s:05d}.jsonl.gz', 'wt', encoding='utf-8') as f:
+        for e in entries: f.write(json.dumps(e) + '\n')
+    reasons.update(e['reason'] for e in entries if e['status'] == 'dropped')
+    return dict(shard=s, entries=len(entries), reasons=reasons, kept_by_domain=kept, peak_rss_mb=_peak_rss_mb())
 
 # %% ../../nbs/06_data_curate.ipynb #62d2e8f0
 @dataclass
@@ -193,6 +381,14 @@ class CurateResult:
 
     @property
     def kept_paths(self) -> list[Path]: return sorted((self.out_dir / 'kept').glob('*.jsonl.gz'))
+
+    @property
+    def ledger_paths(self) -> list[Path]: return sorted((self.out_dir / 'ledger').glob('*.jsonl.gz'))
+
+    def ledger(self):
+        "Every ledger entry, in (shard, line) order, streamed from the per-shard files."
+        for p in self.ledger_paths:
+            with gzip.open(p, 'rt', encoding='utf-8') as f: yield from map(json.loads, f)
 
 def _train_default_quality(path: Path) -> Path:
     "Train the quality ensemble on the shipped sample corpus's labels (what survives the default filters)."
@@ -207,125 +403,97 @@ def _loads(path: Path) -> bool:
     try: return path.exists() and load_quality_model(path) is not None
     except ValueError: return False
 
+def _plan(work: Path, n_shards: int, drops: dict, freq: dict, ids_needed: set, mixture, cfg):
+    "Stage 3's second half: the mixture plan over the kept documents, and each shard's decision files for stage 4."
+    ids, kept_meta = {}, []
+    for s in range(n_shards):
+        d = _shard_dir(work, s)
+        m = np.load(d / 'meta.npz')
+        gids = (s << 32) | np.arange(len(m['line']), dtype=np.int64)
+        keep = np.array([g not in drops for g in gids.tolist()], bool)
+        f = np.array([freq.get(g, 1) for g in gids[keep].tolist()], np.int64)
+        kept_meta.append((np.flatnonzero(keep), m['domain'][keep], m['quality'][keep], f, m['ntok'][keep]))
+        if any(g >> 32 == s for g in ids_needed):
+            names = json.loads((d / 'ids.json').read_text())
+            ids.update((g, names[g & 0xFFFFFFFF]) for g in ids_needed if g >> 32 == s)
+    cat = lambda k: np.concatenate([km[k] for km in kept_meta]) if kept_meta else np.zeros(0)
+    n_tok = cat(4).astype(np.float64)
+    mixture = mixture or default_mixture(cfg.total_tokens or float(n_tok.sum()))
+    plan = plan_mixture(cat(1), cat(2), cat(3), n_tok, mixture)
+    at = 0
+    for s, (idx, _, q, f, nt) in enumerate(kept_meta):
+        d = _shard_dir(work, s)
+        mine = {g & 0xFFFFFFFF: (r, ids[o]) for g, (r, o) in drops.items() if g >> 32 == s}
+        (d / 'dedup.json').write_text(json.dumps(mine))
+        ep = np.stack([plan.epochs[ph][at:at + len(idx)] for ph in plan.phases], 1) if len(idx) else \
+            np.zeros((0, len(plan.phases)))
+        np.savez(d / 'plan.npz', idx=idx, quality=q, frequency=f, ntok=nt, epochs=ep)
+        at += len(idx)
+    return plan
+
 def curate(inputs, out_dir, cfg: CurateConfig | None = None, *, quality_model='default',
-           mixture: MixtureConfig | None = None, progress: bool = True, executor=None) -> CurateResult:
-    """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}.jsonl.gz, ledger.jsonl.gz, summary.json.
-    `quality_model`: a saved model path, 'default' (train on the sample corpus once, cached in `out_dir`), or None
-    (skip). `executor` runs the per-shard stage: a `LocalExecutor` of `cfg.workers` processes by default, or a
-    `RayExecutor`."""
+           mixture: MixtureConfig | None = None, progress: bool = True, executor=None,
+           keep_work: bool = False) -> CurateResult:
+    """Curate JSONL(.gz) shards `inputs` into `out_dir`: kept/{domain}-NNNNN.jsonl.gz, ledger/NNNNN.jsonl.gz (one per
+    input shard) and summary.json. `quality_model`: a saved model path, 'default' (train on the sample corpus once,
+    cached in `out_dir`), or None (skip). `executor` runs the stages' jobs: a `LocalExecutor` of `cfg.workers`
+    processes by default, or a `RayExecutor`. `keep_work` keeps what the stages handed each other (`out_dir/work`)."""
     cfg = cfg or CurateConfig()
     inputs = [Path(p) for p in inputs]
     missing = [str(p) for p in inputs if not p.is_file()]
     if not inputs or missing:
         raise FileNotFoundError(f"no input shards given" if not inputs else f"input shard(s) not found: {missing}")
+    if cfg.partitions is not None and cfg.partitions < 1:
+        raise ValueError(f"partitions must be at least 1, got {cfg.partitions}")
     out_dir = Path(out_dir); work = out_dir / 'work'
-    if (out_dir / 'kept').exists(): shutil.rmtree(out_dir / 'kept')
-    work.mkdir(parents=True, exist_ok=True); (out_dir / 'kept').mkdir()
+    for sub in ('kept', 'ledger', 'work'):
+        if (out_dir / sub).exists(): shutil.rmtree(out_dir / sub)
+        (out_dir / sub).mkdir(parents=True)
     t0 = time.perf_counter()
     if quality_model == 'default':
         quality_model = out_dir / 'quality_model.npz'
         if not _loads(quality_model): _train_default_quality(quality_model)
-    jobs = [
-        (i, str(p), asdict(cfg), None if quality_model is None else str(quality_model), str(work))
-        for i, p in enumerate(inputs)
-    ]
-    # the worker must be importable by a freshly spawned process (or a Ray worker), so take it from the installed module
-    worker = importlib.import_module('xgen_small.data.curate')._process_shard
-    parts = (executor or LocalExecutor(cfg.workers)).map(worker, jobs, desc='filter+score', progress=progress)
-    parts.sort(key=lambda p: p['shard'])
-    t1 = time.perf_counter()
-
-    ledger = [e for p in parts for e in p['ledger']]
-    docs = [json.loads(l) for p in parts for l in gzip.open(p['path'], 'rt', encoding='utf-8')]
-    docs.sort(key=lambda d: (d['shard'], d['line']))
-    # exact duplicates: first occurrence kept; its frequency counts the copies
-    first, copies = {}, Counter()
-    unique = []
-    for d in docs:
-        copies[d['exact']] += 1
-        if d['exact'] in first:
-            ledger.append(
-                dict(
-                    shard=d['shard'],
-                    line=d['line'],
-                    id=d['id'],
-                    status='dropped',
-                    reason='dedup.exact',
-                    duplicate_of=first[d['exact']]['id'],
-                )
-            )
-        else: first[d['exact']] = d; unique.append(d)
-    # near duplicates: LSH over the stage-1 signatures, clusters represented by their best document
-    fd = FuzzyDedup(threshold=cfg.dedup_threshold, num_perm=cfg.num_perm, ngram=cfg.ngram, verify='signature')
-    for k, d in enumerate(tqdm(unique, desc='dedup', unit='doc', disable=not progress)):
-        sig = np.frombuffer(base64.b64decode(d['sig']), np.uint64)
-        fd.add(k, signature=(None, LeanMinHash(seed=fd.seed, hashvalues=sig, scheme='affine64')))
-    kept = []
-    for rep, members in fd.clusters(scores={k: d['quality'] for k, d in enumerate(unique)}).items():
-        r = unique[rep]
-        r['frequency'] = sum(copies[unique[m]['exact']] for m in members)
-        kept.append(r)
-        for m in members[1:]:
-            d = unique[m]
-            ledger.append(
-                dict(
-                    shard=d['shard'],
-                    line=d['line'],
-                    id=d['id'],
-                    status='dropped',
-                    reason='dedup.fuzzy',
-                    duplicate_of=r['id'],
-                )
-            )
-    kept.sort(key=lambda d: (d['shard'], d['line']))
-    for d in kept: ledger.append(dict(shard=d['shard'], line=d['line'], id=d['id'], status='kept', reason=None))
-    t2 = time.perf_counter()
-
-    # mixture plan
-    n_tok = np.array([estimate_tokens(d['text']) for d in kept], np.float64)
-    mixture = mixture or default_mixture(cfg.total_tokens or float(n_tok.sum()))
-    plan = plan_mixture(
-        [d['domain'] for d in kept], [d['quality'] for d in kept], [d['frequency'] for d in kept], n_tok, mixture
-    )
-    by_domain: dict = {}
-    for i, d in enumerate(kept):
-        rec = dict(
-            id=d['id'],
-            domain=d['domain'],
-            text=d['text'],
-            quality=round(d['quality'], 6),
-            frequency=d['frequency'],
-            n_tokens=int(n_tok[i]),
-            epochs={ph: round(float(plan.epochs[ph][i]), 6) for ph in plan.phases},
-            source=dict(shard=str(inputs[d['shard']]), line=d['line']),
-        )
-        by_domain.setdefault(d['domain'], []).append(rec)
-    for dom, recs in by_domain.items():
-        with gzip.open(out_dir / 'kept' / f'{dom}.jsonl.gz', 'wt', encoding='utf-8') as f:
-            for r in recs: f.write(json.dumps(r, ensure_ascii=False) + '\n')
-    ledger.sort(key=lambda e: (e['shard'], e['line']))
-    with gzip.open(out_dir / 'ledger.jsonl.gz', 'wt', encoding='utf-8') as f:
-        for e in ledger: f.write(json.dumps(e) + '\n')
-
-    lines = sum(p['lines'] for p in parts)
-    reasons = Counter(e['reason'] for e in ledger if e['status'] == 'dropped')
+    n, parts = len(inputs), cfg.partitions or len(inputs)
+    # workers must be importable by a freshly spawned process (or a Ray worker): take them from the installed module
+    mod = importlib.import_module('xgen_small.data.curate')
+    qpath = None if quality_model is None else str(quality_model)
+    with executor or LocalExecutor(cfg.workers) as ex:
+        shards = ex.map(mod._process_shard, [(i, str(p), asdict(cfg), qpath, str(work), parts)
+                                             for i, p in enumerate(inputs)], desc='filter+score', progress=progress)
+        t1 = time.perf_counter()
+        stats = ex.map(mod._exact_partition, [(p, str(work), n) for p in range(parts)], desc='exact', progress=progress)
+        stats += ex.map(mod._band_partition, [(p, str(work), n, cfg.num_perm, cfg.dedup_threshold)
+                                              for p in range(parts)], desc='buckets', progress=progress)
+        drops, freq = resolve_duplicates(work, n, parts)
+        plan = _plan(work, n, drops, freq, {o for _, o in drops.values()}, mixture, cfg)
+        t2 = time.perf_counter()
+        written = ex.map(mod._write_shard, [(s, str(work), str(out_dir), str(p), plan.phases)
+                                            for s, p in enumerate(inputs)], desc='write', progress=progress)
+    lines = sum(p['lines'] for p in shards)
+    reasons = sum((w['reasons'] for w in written), Counter())
+    kept_by_domain = sum((w['kept_by_domain'] for w in written), Counter())
     summary = dict(
-        inputs=[dict(path=str(inputs[p['shard']]), lines=p['lines'], error=p['error']) for p in parts],
+        inputs=[dict(path=str(inputs[p['shard']]), lines=p['lines'], error=p['error']) for p in shards],
         lines=lines,
-        kept=len(kept),
+        kept=sum(kept_by_domain.values()),
         dropped=sum(reasons.values()),
         reasons=dict(sorted(reasons.items())),
-        kept_by_domain={d: len(r) for d, r in sorted(by_domain.items())},
+        kept_by_domain=dict(sorted(kept_by_domain.items())),
         mixture={
             ph: dict(shares=plan.shares(ph), tokens=plan.delivered[ph], shortfall=plan.shortfall[ph])
             for ph in plan.phases
         },
-        seconds=dict(filter_score=round(t1 - t0, 2), dedup=round(t2 - t1, 2), total=round(time.perf_counter() - t0, 2)),
-        peak_rss_mb=dict(worker=max(p['peak_rss_mb'] for p in parts), driver=_peak_rss_mb()),   # per process
+        dedup=dict(partitions=parts, exact_dropped=reasons['dedup.exact'], fuzzy_dropped=reasons['dedup.fuzzy'],
+                   signature_comparisons=sum(s.get('compared', 0) for s in stats)),
+        seconds=dict(filter_score=round(t1 - t0, 2), dedup=round(t2 - t1, 2), write=round(time.perf_counter() - t2, 2),
+                     total=round(time.perf_counter() - t0, 2)),
+        peak_rss_mb=dict(worker=max(r['peak_rss_mb'] for r in shards + stats + written), driver=_peak_rss_mb()),
         config=asdict(cfg),
     )
-    if summary['kept'] + summary['dropped'] != lines or len(ledger) != lines:
-        raise RuntimeError(f"ledger does not account for every input line: {lines} lines, {len(ledger)} ledger entries")
+    short = any(w['entries'] != p['lines'] for w, p in zip(written, shards))
+    if short or summary['kept'] + summary['dropped'] != lines:
+        raise RuntimeError(f"ledger does not account for every input line: {lines} lines, "
+                           f"{sum(w['entries'] for w in written)} ledger entries")
     (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
-    shutil.rmtree(work)
+    if not keep_work: shutil.rmtree(work)
     return CurateResult(out_dir, summary)
