@@ -2,14 +2,14 @@
 running the equivalent rules plus its MinHash deduplication, on the same corpora, same machine, same run.
 
     python benchmarks/curation.py                     # the sample corpus x1 and x8
-    python benchmarks/curation.py --sizes 1,8,32,128  # up to 128 copies (about 0.8 GB)
+    python benchmarks/curation.py --sizes 1,8,32,160  # up to 160 copies (about 1 GB)
     python benchmarks/curation.py --quick             # a quarter of the sample, smoke run (tests)
 
 A corpus of size N is the sample corpus N times, every copy after the first with a quarter of its words replaced by
 other words of the corpus (so copies are near duplicates, not exact ones), written as 4 x N JSONL shards. Every
 system runs in a fresh process with `--workers` worker processes, and we report documents/s, MB/s per core (input
 bytes over wall time over workers), and peak resident memory: of the largest worker process, and of the driver
-(the process that runs our global dedup stage, or datatrove's clustering stage).
+(the process that runs our clustering stage, stage 3, or datatrove's).
 
 Systems:
 
@@ -144,6 +144,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument('--workers', type=int, default=2)
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--json', action='store_true', help='also print the rows as one JSON line')
+    ap.add_argument('--rows', help='append each row to this JSONL file as soon as it is measured')
     ap.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
     ap.add_argument('--system', help=argparse.SUPPRESS)
     ap.add_argument('--corpus', help=argparse.SUPPRESS)
@@ -176,6 +177,8 @@ def main(argv=None) -> list[dict]:
                            mb_per_s_per_core=round(n_bytes / 1e6 / r['seconds'] / a.workers, 3), kept=r['kept'],
                            worker_rss_mb=round(r['worker_rss_mb']), driver_rss_mb=round(r['driver_rss_mb']))
                 rows.append(row)
+                if a.rows:
+                    with open(a.rows, 'a') as f: f.write(json.dumps(row) + '\n')
                 label = f"{n}x {row['mb']:,} MB"
                 print(f"{label:>14} {system:22} {row['seconds']:>8,.1f} "
                       f"{row['docs_per_s']:>8,.0f} {row['mb_per_s_per_core']:>10.3f} {row['kept']:>8,} "

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from typing import Callable
@@ -81,6 +82,11 @@ from xgen_small.data.sample import load_sample, DOMAINS
 # documents of technical prose (package READMEs and standard-library docstrings: code spans, `%s`,
 # `x^2`, `key/value`); with spaCy's tokenizer every decision agrees, on the sample and on that prose
 # (`tests/test_filters_datatrove.py`).
+#
+# spaCy adds an entry to its vocabulary for every new word it sees, and a long run would grow without bound, so each
+# split frees what it added. A curation worker splits a whole shard inside `word_split_zone()` instead: the shard's
+# documents share the entries (a word is looked up, not created, after its first use) and all are freed at the end
+# of the shard. The words are the same either way.
 
 # %%
 #| export
@@ -94,12 +100,26 @@ def _spacy_english():
         _NLP = spacy.blank('en')
     return _NLP
 
+_ZONE = 0
+
 def split_words(text: str) -> list[str]:
     "Words and punctuation tokens of `text`: spaCy's English tokenizer, whitespace tokens dropped (datatrove's split)."
     nlp = _spacy_english()
     nlp.max_length = max(nlp.max_length, len(text) + 10)
+    if _ZONE: return [w for w in (t.text.strip() for t in nlp.tokenizer(text)) if w]
     with nlp.memory_zone():                 # frees the vocabulary entries this text added (a long run does not grow)
         return [w for w in (t.text.strip() for t in nlp.tokenizer(text)) if w]
+
+@contextmanager
+def word_split_zone():
+    """Texts split inside this block share spaCy's vocabulary entries, which are freed when it ends: a third faster
+    on a batch of documents than freeing after each, with memory bounded by the batch's vocabulary."""
+    global _ZONE
+    if _ZONE: yield; return
+    with _spacy_english().memory_zone():
+        _ZONE = 1
+        try: yield
+        finally: _ZONE = 0
 
 
 # %%

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from xgen_small.config import Config
 from xgen_small.data.dedup import FuzzyDedup, UnionFind, exact_key, lsh_params, minhash, shingle_hashes
-from xgen_small.data.filters import default_filters
+from xgen_small.data.filters import default_filters, word_split_zone
 from xgen_small.data.mixture import MixtureConfig, default_mixture, plan_mixture
 
 # %%
@@ -175,7 +175,7 @@ def _parse(raw: bytes, n: int, path: Path, cfg: CurateConfig, known_domains):
 #
 # Worker processes are started with `spawn`, not `fork`: the parent may already hold JAX's thread
 # pools, which a forked child inherits in an undefined state. Each worker loads the filters and the
-# quality model itself.
+# quality model itself, once (a worker takes many shards).
 #
 # A survivor is named by a global id, `gid = shard << 32 | index` (its index among the shard's survivors), so that
 # ordering by id is ordering by (shard, line). What later stages need from it goes to `work/sNNNNN/`: `docs.jsonl.gz`
@@ -218,21 +218,30 @@ def _by_partition(rec: np.ndarray, parts: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _shard_dir(work, s: int) -> Path: return Path(work) / f's{s:05d}'
 
+_QUALITY: dict = {}
+
+def _quality_model(path):
+    "The quality model at `path`, loaded once per worker process (and again if the file changes)."
+    st = os.stat(path)
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _QUALITY:
+        from xgen_small.data.quality import load_quality_model
+        _QUALITY.clear(); _QUALITY[key] = load_quality_model(path)
+    return _QUALITY[key]
+
 def _process_shard(args) -> dict:
     shard_idx, path, cfg, quality_path, work_dir, parts = args
     cfg = CurateConfig(**cfg)          # sent as a plain dict: spawned processes unpickle only importable types
     chain = default_filters()
-    qm = None
-    if quality_path is not None:
-        from xgen_small.data.quality import load_quality_model
-        qm = load_quality_model(quality_path)
+    qm = None if quality_path is None else _quality_model(quality_path)
     docs, bad, error = read_shard(path, cfg, set(chain.chains))
     ledger = [dict(shard=shard_idx, line=n, id=i, status='dropped', reason=r) for n, i, r in bad]
     survivors = []
-    for n, d in docs:
-        r = chain(d['text'], d['domain'])
-        if r: ledger.append(dict(shard=shard_idx, line=n, id=d['id'], status='dropped', reason=r))
-        else: survivors.append((n, d))
+    with word_split_zone():            # the shard's documents share spaCy's vocabulary entries, freed at its end
+        for n, d in docs:
+            r = chain(d['text'], d['domain'])
+            if r: ledger.append(dict(shard=shard_idx, line=n, id=d['id'], status='dropped', reason=r))
+            else: survivors.append((n, d))
     scores = [(1.0, None)] * len(survivors) if qm is None else qm.classify([d for _, d in survivors])
     params = lsh_params(cfg.dedup_threshold, cfg.num_perm, fp_weight=0.2, fn_weight=0.8)   # as FuzzyDedup's
     d_out = _shard_dir(work_dir, shard_idx); d_out.mkdir(parents=True, exist_ok=True)

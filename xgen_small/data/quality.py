@@ -35,7 +35,7 @@ def tokens(text: str) -> list[str]:
 
 def _hashed(grams: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
     if not grams: return np.zeros(0, np.int32), np.zeros(0, np.float32)
-    idx = np.fromiter((zlib.crc32(g.encode()) % dim for g in grams), np.int64, len(grams))
+    idx = np.fromiter(map(zlib.crc32, map(str.encode, grams)), np.int64, len(grams)) % dim
     uniq, counts = np.unique(idx, return_counts=True)
     val = np.log1p(counts).astype(np.float32)
     return uniq.astype(np.int32), val / np.linalg.norm(val)
@@ -151,9 +151,20 @@ class TrigramLM:
         predictable, independently of how rare the vocabulary is (technical words, code identifiers)."""
         ws = ['<s>', '<s>'] + self._tokens(text)
         if len(ws) == 2: return 0.0
-        return sum(a - b for a, b in (self.logprob(ws[i - 2], ws[i - 1], ws[i]) for i in range(2, len(ws)))) / (
-            len(ws) - 2
-        )
+        # `logprob` for every token, inlined (this is the quality stage's inner loop): the same arithmetic, in the
+        # same order, so the same floats
+        d, denom, log = self.discount, self.n + self.v, math.log
+        c1, c2, c3 = self.c1.get, self.c2.get, self.c3.get
+        ctx1, fan1, ctx2, fan2 = self.ctx1.get, self.fan1.get, self.ctx2.get, self.fan2.get
+        total = 0
+        for a, b, w in zip(ws, ws[1:], ws[2:]):
+            p = p1 = (c1(w, 0) + 1) / denom
+            n1 = ctx1(b, 0)
+            if n1: p = max(c2((b, w), 0) - d, 0) / n1 + d * fan1(b, 0) / n1 * p
+            n2 = ctx2((a, b), 0)
+            if n2: p = max(c3((a, b, w), 0) - d, 0) / n2 + d * fan2((a, b), 0) / n2 * p
+            total += log(p) - log(p1)
+        return total / (len(ws) - 2)
 
     def to_json(self) -> dict:
         return dict(discount=self.discount, max_tokens=self.max_tokens, top_words=self.top_words,
