@@ -345,6 +345,17 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 600, lr: f
 #| export
 def _logit(p): p = np.clip(p, 1e-6, 1 - 1e-6); return np.log(p / (1 - p))
 
+def mlp_logits(mlp: TinyMLP, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """The MLP's logits for the rows of `x`, in chunks of `chunk` rows (the last one padded with zeros): one shape
+    whatever the number of documents, so a curation worker that scores shard after shard of different sizes does not
+    compile, and keep, the MLP's operations for each."""
+    x = np.asarray(x, np.float32)
+    out = []
+    for i in range(0, len(x), chunk):
+        part = np.zeros((chunk, x.shape[1]), np.float32); part[:len(x) - i] = x[i:i + chunk]
+        out.append(np.asarray(mlp(jnp.asarray(part)))[:len(x) - i])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
 @dataclass
 class QualityModel:
     "Two-stage quality classifier: stage-1 word n-gram LR, stage-2 ensemble (char LR, trigram LM, MLP) + stacker."
@@ -369,7 +380,7 @@ class QualityModel:
         "Per document: logits of the char LR, the MLP, and the LM score standardised (columns in stacker order)."
         char = _logit(self.char_lr.predict_proba([char_ngram_features(d['text'], d['domain']) for d in docs]))
         stats = np.stack([doc_stats(d['text'], self.lm) for d in docs])
-        mlp = np.asarray(self.mlp(jnp.asarray((stats - self.stats_mean) / self.stats_std)))
+        mlp = mlp_logits(self.mlp, (stats - self.stats_mean) / self.stats_std)
         lm = (stats[:, 9] - self.stats_mean[9]) / self.stats_std[9]
         return np.stack([char, mlp, lm], axis=1)
 
@@ -396,6 +407,17 @@ class QualityModel:
                     out[i] = (p, 'quality.incoherent')
         return out
 
+
+# %% [markdown]
+# The MLP runs in fixed chunks of 256 rows: a curation worker scores one shard after another, each with a different
+# number of survivors, and a program compiled per batch size would pile up in every worker (about 200 MB over 16
+# shards, before this). A row's logit does not depend on the rows around it:
+
+# %%
+m = TinyMLP(12, rngs=nnx.Rngs(0)); x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
+test_close(mlp_logits(m, x), np.asarray(m(jnp.asarray(x))), eps=1e-5)
+test_eq(mlp_logits(m, x[:7]), mlp_logits(m, x)[:7])
+test_eq(mlp_logits(m, x[:0]).shape, (0,))
 
 # %% [markdown]
 # ## Training

@@ -295,6 +295,12 @@ def _band_partition(args) -> dict:
     return dict(partition=p, records=len(rec), compared=compared, edges=len(edges), peak_rss_mb=_peak_rss_mb())
 
 # %% ../../nbs/06_data_curate.ipynb #e97f9da8
+def _by_shard(gids) -> dict:
+    "Ids grouped by the shard they belong to."
+    out: dict = {}
+    for g in gids: out.setdefault(g >> 32, []).append(g)
+    return out
+
 def resolve_duplicates(work, n_shards: int, parts: int) -> tuple[dict, dict]:
     "Stage 3 over stage 2's files: ({gid: (reason, gid duplicated)} for dropped, {gid: frequency} where it is > 1)."
     work = Path(work)
@@ -309,9 +315,9 @@ def resolve_duplicates(work, n_shards: int, parts: int) -> tuple[dict, dict]:
     clusters: dict = {}
     for g in uf.parent: clusters.setdefault(uf.find(g), []).append(g)
     quality = {}
-    for s in sorted({g >> 32 for g in uf.parent}):
+    for s, gids in sorted(_by_shard(uf.parent).items()):
         q = np.load(_shard_dir(work, s) / 'meta.npz')['quality']
-        quality.update((g, float(q[g & 0xFFFFFFFF])) for g in uf.parent if g >> 32 == s)
+        quality.update((g, float(q[g & 0xFFFFFFFF])) for g in gids)
     freq = {g: c for g, c in count.items()}
     for members in clusters.values():
         rep = max(members, key=lambda g: (quality[g], -g))
@@ -414,7 +420,7 @@ def _loads(path: Path) -> bool:
 
 def _plan(work: Path, n_shards: int, drops: dict, freq: dict, ids_needed: set, mixture, cfg):
     "Stage 3's second half: the mixture plan over the kept documents, and each shard's decision files for stage 4."
-    ids, kept_meta = {}, []
+    ids, kept_meta, needed = {}, [], _by_shard(ids_needed)
     for s in range(n_shards):
         d = _shard_dir(work, s)
         m = np.load(d / 'meta.npz')
@@ -422,17 +428,17 @@ def _plan(work: Path, n_shards: int, drops: dict, freq: dict, ids_needed: set, m
         keep = np.array([g not in drops for g in gids.tolist()], bool)
         f = np.array([freq.get(g, 1) for g in gids[keep].tolist()], np.int64)
         kept_meta.append((np.flatnonzero(keep), m['domain'][keep], m['quality'][keep], f, m['ntok'][keep]))
-        if any(g >> 32 == s for g in ids_needed):
+        if s in needed:
             names = json.loads((d / 'ids.json').read_text())
-            ids.update((g, names[g & 0xFFFFFFFF]) for g in ids_needed if g >> 32 == s)
+            ids.update((g, names[g & 0xFFFFFFFF]) for g in needed[s])
     cat = lambda k: np.concatenate([km[k] for km in kept_meta]) if kept_meta else np.zeros(0)
     n_tok = cat(4).astype(np.float64)
     mixture = mixture or default_mixture(cfg.total_tokens or float(n_tok.sum()))
     plan = plan_mixture(cat(1), cat(2), cat(3), n_tok, mixture)
-    at = 0
+    at, dropped = 0, _by_shard(drops)
     for s, (idx, _, q, f, nt) in enumerate(kept_meta):
         d = _shard_dir(work, s)
-        mine = {g & 0xFFFFFFFF: (r, ids[o]) for g, (r, o) in drops.items() if g >> 32 == s}
+        mine = {g & 0xFFFFFFFF: (drops[g][0], ids[drops[g][1]]) for g in dropped.get(s, ())}
         (d / 'dedup.json').write_text(json.dumps(mine))
         ep = np.stack([plan.epochs[ph][at:at + len(idx)] for ph in plan.phases], 1) if len(idx) else \
             np.zeros((0, len(plan.phases)))

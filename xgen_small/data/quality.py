@@ -23,8 +23,8 @@ from .filters import GOPHER_STOP_WORDS
 
 # %% auto #0
 __all__ = ['tokens', 'word_ngram_features', 'char_ngram_features', 'SparseLogReg', 'TrigramLM', 'doc_stats', 'TinyMLP', 'fit_mlp',
-           'QualityModel', 'split_of', 'train_quality', 'docstring_corpus', 'keyword_salad', 'sentence_shuffle',
-           'save_quality_model', 'load_quality_model']
+           'mlp_logits', 'QualityModel', 'split_of', 'train_quality', 'docstring_corpus', 'keyword_salad',
+           'sentence_shuffle', 'save_quality_model', 'load_quality_model']
 
 # %% ../../nbs/03_data_quality.ipynb #ed324d24
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -231,6 +231,17 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, seed: int = 0, steps: int = 600, lr: f
 # %% ../../nbs/03_data_quality.ipynb #c2229d1f
 def _logit(p): p = np.clip(p, 1e-6, 1 - 1e-6); return np.log(p / (1 - p))
 
+def mlp_logits(mlp: TinyMLP, x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """The MLP's logits for the rows of `x`, in chunks of `chunk` rows (the last one padded with zeros): one shape
+    whatever the number of documents, so a curation worker that scores shard after shard of different sizes does not
+    compile, and keep, the MLP's operations for each."""
+    x = np.asarray(x, np.float32)
+    out = []
+    for i in range(0, len(x), chunk):
+        part = np.zeros((chunk, x.shape[1]), np.float32); part[:len(x) - i] = x[i:i + chunk]
+        out.append(np.asarray(mlp(jnp.asarray(part)))[:len(x) - i])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
 @dataclass
 class QualityModel:
     "Two-stage quality classifier: stage-1 word n-gram LR, stage-2 ensemble (char LR, trigram LM, MLP) + stacker."
@@ -255,7 +266,7 @@ class QualityModel:
         "Per document: logits of the char LR, the MLP, and the LM score standardised (columns in stacker order)."
         char = _logit(self.char_lr.predict_proba([char_ngram_features(d['text'], d['domain']) for d in docs]))
         stats = np.stack([doc_stats(d['text'], self.lm) for d in docs])
-        mlp = np.asarray(self.mlp(jnp.asarray((stats - self.stats_mean) / self.stats_std)))
+        mlp = mlp_logits(self.mlp, (stats - self.stats_mean) / self.stats_std)
         lm = (stats[:, 9] - self.stats_mean[9]) / self.stats_std[9]
         return np.stack([char, mlp, lm], axis=1)
 
