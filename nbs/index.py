@@ -89,7 +89,8 @@ if 'google.colab' in sys.modules:
 # (`xgen_small.hf.load_hf_checkpoint`) with their own tokenizer and chat template (`xgen_small.tokenizer.HFTokenizer`):
 # `xgen-small chat --hf DIR --message "..."` and `xgen-small eval --hf DIR` take such a directory as it is;
 # `xgen-small eval --suite published` scores RULER's own thirteen tasks (notebook 32), also as
-# lm-evaluation-harness tasks. Curation runs its per-shard stage in local processes or, with
+# lm-evaluation-harness tasks. Curation streams: its four stages work one shard or one hash partition at a time, so
+# its memory per process stays flat as the corpus grows (benchmarks/README.md), in local processes or, with
 # `xgen-small curate --executor ray --address auto`, on a Ray cluster (notebook 06).
 # Here, a fresh tiny model continues two prompts of token ids:
 
