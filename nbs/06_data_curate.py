@@ -59,7 +59,7 @@ from datasketch import LeanMinHash
 from tqdm.auto import tqdm
 
 from xgen_small.config import Config
-from xgen_small.data.dedup import FuzzyDedup, UnionFind, exact_key, lsh_params, minhash, shingle_hashes
+from xgen_small.data.dedup import FuzzyDedup, UnionFind, exact_key, minhash, shingle_hashes
 from xgen_small.data.filters import default_filters, word_split_zone
 from xgen_small.data.mixture import MixtureConfig, default_mixture, plan_mixture
 
@@ -243,7 +243,7 @@ def _process_shard(args) -> dict:
             if r: ledger.append(dict(shard=shard_idx, line=n, id=d['id'], status='dropped', reason=r))
             else: survivors.append((n, d))
     scores = [(1.0, None)] * len(survivors) if qm is None else qm.classify([d for _, d in survivors])
-    params = lsh_params(cfg.dedup_threshold, cfg.num_perm, fp_weight=0.2, fn_weight=0.8)   # as FuzzyDedup's
+    params = FuzzyDedup(threshold=cfg.dedup_threshold, num_perm=cfg.num_perm).params      # the same bands and rows
     d_out = _shard_dir(work_dir, shard_idx); d_out.mkdir(parents=True, exist_ok=True)
     meta = dict(line=[], quality=[], ntok=[], domain=[]); ids, sigs, exact, bands = [], [], [], []
     with gzip.open(d_out / 'docs.jsonl.gz', 'wt', encoding='utf-8') as f:
@@ -468,7 +468,7 @@ def resolve_duplicates(work, n_shards: int, parts: int) -> tuple[dict, dict]:
     for s, gids in sorted(_by_shard(uf.parent).items()):
         q = np.load(_shard_dir(work, s) / 'meta.npz')['quality']
         quality.update((g, float(q[g & 0xFFFFFFFF])) for g in gids)
-    freq = {g: c for g, c in count.items()}
+    freq = dict(count)
     for members in clusters.values():
         rep = max(members, key=lambda g: (quality[g], -g))
         freq[rep] = sum(count.get(m, 1) for m in members)
@@ -519,7 +519,7 @@ def _write_shard(args) -> dict:
     s, work, out_dir, source, phases = args
     d, out_dir = _shard_dir(work, s), Path(out_dir)
     drops = {int(k): v for k, v in json.loads((d / 'dedup.json').read_text()).items()}
-    plan = np.load(d / 'plan.npz')
+    plan = dict(np.load(d / 'plan.npz'))       # read each array once (indexing an NpzFile reads it again)
     row = {i: k for k, i in enumerate(plan['idx'].tolist())}
     entries = [json.loads(l) for l in open(d / 'ledger.jsonl')]
     files, reasons, kept = {}, Counter(), Counter()
