@@ -166,6 +166,35 @@ def report_figures(p, sums: dict, out) -> list[str]:
 
 def _pct(x) -> str: return f'{100 * x:.0f}%'
 
+def _anneal_result(pt: dict) -> str:
+    "The pre-training row's note on the anneal ablation (empty when the run had none)."
+    a = pt.get('anneal_ablation')
+    if not a: return ''
+    last, l = list(a['loss']['anneal'])[-1], a['loss']
+    return (f"; held-out {last}-mixture loss {l['anneal'][last]:.3f} with the {last} phase, "
+            f"{l['no_anneal'][last]:.3f} without it")
+
+def _anneal_table(pt: dict) -> list:
+    "The ablation's table: held-out loss under each phase's mixture, for the run with and without its last phase."
+    a = pt.get('anneal_ablation')
+    if not a: return []
+    phases, l = list(a['loss']['anneal']), a['loss']
+    return [
+        '',
+        f"**Quality annealing, ablated.** From the step-{a['branch_step']} checkpoint the run trained its last phase "
+        f"(`{phases[-1]}`) a second time on the `{phases[0]}` mixture, with the same steps and learning rates. Both "
+        f"runs' loss on {a['held_out_docs']:,} kept documents that pre-training never saw ({a['held_out_tokens']:,} "
+        "tokens), each document weighted as that phase's mixture draws it:",
+        '',
+        '| run | ' + ' | '.join(f'held-out loss, `{ph}` mixture' for ph in phases) + ' |',
+        '|---|' + '---:|' * len(phases),
+        f"| with the `{phases[-1]}` phase | " + ' | '.join(f"{l['anneal'][ph]:.3f}" for ph in phases) + ' |',
+        f"| `{phases[0]}` mixture to the end | " + ' | '.join(f"{l['no_anneal'][ph]:.3f}" for ph in phases) + ' |',
+        '| difference (95% interval, documents resampled) | ' + ' | '.join(
+            f"{l['no_anneal'][ph] - l['anneal'][ph]:+.3f} ({a['gap_95'][ph][0]:+.3f} to {a['gap_95'][ph][1]:+.3f})"
+            for ph in phases) + ' |',
+    ]
+
 def report_markdown(p, sums: dict, figures=()) -> str:
     "The run's `summary.md`: every stage's numbers and time, the evaluation tables, the figures, the exported model."
     from xgen_small.config import num_params
@@ -190,7 +219,7 @@ def report_markdown(p, sums: dict, figures=()) -> str:
         'curate': f"{cu['lines']:,} documents: {cu['kept']:,} kept, {cu['dropped']:,} dropped",
         'tokenizer': f"{tk['vocab_size']:,} pieces, {tk['bytes_per_token']:.2f} bytes per token",
         'pretrain': f"{pt['steps']} steps, {pt['tokens']:,} tokens, "
-                    f"loss {pt['first_loss']:.2f} -> {pt['final_loss']:.3f}",
+                    f"loss {pt['first_loss']:.2f} -> {pt['final_loss']:.3f}" + _anneal_result(pt),
         'extend': ', '.join(f"{s['seq_len']:,}: loss {s['loss']:.3f}" for s in ex['stages']),
         'sft': f"right replies {_pct(sf['before']['reply_accuracy']['all'])} -> "
                f"{_pct(sf['after']['reply_accuracy']['all'])}",
@@ -230,6 +259,7 @@ def report_markdown(p, sums: dict, figures=()) -> str:
         f"| {s['stage']} | {s['seq_len']:,} | {s['rope_theta']:,.0f} | {s['tokens']:,} | {s['loss']:.3f} |"
         for s in ex['stages']
     ]
+    L += _anneal_table(pt)
     L += [
         '',
         '## Post-training',

@@ -63,6 +63,7 @@ import hashlib
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -150,6 +151,9 @@ class PipelineConfig(Config):
     rl: RLConfig = field(default_factory=RLConfig)
     rl_tasks: int = 400                  # arithmetic prompts from the training split (notebooks 21, 25)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # train the last pre-training phase a second time on the phase before's mixture, from the same checkpoint, and
+    # compare the two on held-out documents: what quality annealing buys (the cpu preset does; a pod run would not)
+    anneal_ablation: bool = False
 
     def __post_init__(self):
         m = self.pretrain.model
@@ -172,6 +176,10 @@ class PipelineConfig(Config):
             raise ConfigError(
                 f"eval.lengths go up to {max(self.eval.lengths)}, beyond the extended model's {longest} tokens"
             )
+        sch = self.pretrain.schedule
+        if self.anneal_ablation and (len(sch) < 2 or sch[-1].name == sch[-2].name):
+            raise ConfigError("anneal_ablation needs a pre-training schedule whose last phase trains on another "
+                              f"mixture than the phase before it; the phases are {[ph.name for ph in sch]}")
         for n in ('sft_examples', 'dpo_pairs', 'rl_tasks', 'vocab_size'):
             if getattr(self, n) < 1: raise ConfigError(f"PipelineConfig.{n} must be positive")
 
@@ -180,7 +188,8 @@ class PipelineConfig(Config):
 # The `cpu` preset's numbers were chosen by timing each stage on a 2-core machine, so that the whole run stays well
 # under 15 minutes: the table at the end of this notebook shows where the time goes. Pre-training has 160 steps of
 # 8 x 512 tokens (650K tokens, under one pass over the kept corpus), the last fifth the annealing phase on the
-# high-quality mixture; the extension stages 24, 24 and 8 steps; RULER 5 samples per task and length. A toy budget
+# high-quality mixture, trained a second time on the broad mixture for the anneal ablation (below); the extension
+# stages 24, 24 and 8 steps; RULER 5 samples per task and length. A toy budget
 # teaches the mechanics, not the results: `steps_scale` multiplies every stage's steps (the quick run below uses
 # one to three steps per stage; `--steps-scale 4` is a better model in an hour).
 
@@ -231,6 +240,7 @@ def pipeline_config(preset: str = 'cpu', *, steps_scale: float = 1.0) -> Pipelin
                 save_every=10,
             ),
             eval=EvalConfig(lengths=(512, 1024, 2048, 4096), n=5, ruler={'cwe_common': 5}),
+            anneal_ablation=True,
         )  # 10 common words overflow 512 tokens
     elif preset in ('xgen_4b', 'xgen_9b'):
         model = get_preset(preset)
@@ -389,7 +399,19 @@ def _trained(steps_of):
 
 # %% [markdown]
 # What each stage does, as functions of the running `Pipeline` (for its directories, configuration, tokenizer and
-# models) and the summaries of the stages before it:
+# models) and the summaries of the stages before it.
+#
+# Pre-training does one thing more than notebook 18's loop, because the paper's claim for quality annealing is a
+# comparison: a run that ends on the high-quality mixture against one that does not. So one kept document in 16
+# (chosen by a hash of its id, so the same ones on every machine and every rerun) is held out of the token store,
+# and with `anneal_ablation` (the `cpu` preset's choice) the stage trains to the start of the last phase, copies
+# that checkpoint, finishes the real run, and then trains the copy through the same steps and learning rates on the
+# *previous* phase's mixture. Both models are scored on the held-out documents, each document weighted as a phase's
+# mixture would draw it (its planned epochs in that phase): under the `anneal` weights this is the high-quality
+# subset the last phase aims at, under the `broad` weights the corpus at large. The gap comes with a 95% interval
+# from resampling the documents (both runs scored on the same resample), so a difference smaller than the noise
+# of 62 documents reads as one. The ablation costs the last phase's steps again (32 of 160 on the `cpu` preset); a
+# pod run would leave it off.
 
 # %%
 #| export
@@ -427,23 +449,93 @@ def _tokenizer_missing(p: Pipeline, stage: str) -> str | None:
         else 'the tokenizer it recorded'
     )
 
-def _run_pretrain(p: Pipeline, sums) -> dict:
+HOLD_OUT = 16          # one kept document in 16 (by a hash of its id) never enters pre-training: the held-out set
+
+def _held_out(doc: dict) -> bool: return zlib.crc32(str(doc['id']).encode()) % HOLD_OUT == 0
+
+def no_anneal(cfg: TrainConfig) -> TrainConfig:
+    "`cfg` with its last phase training on the previous phase's mixture: the same steps and learning rates."
+    *head, last = cfg.schedule
+    return replace(cfg, schedule=(*head, replace(last, name=head[-1].name)))
+
+def _branch(src: Path, step: int, dst: Path):
+    "Copy checkpoint `step` of run directory `src` into the fresh run directory `dst` (atomically)."
+    if (dst / 'checkpoints').exists(): return
+    tmp = dst / 'checkpoints.tmp'
+    if tmp.exists(): shutil.rmtree(tmp)
+    shutil.copytree(src / 'checkpoints' / str(step), tmp / str(step))
+    tmp.rename(dst / 'checkpoints')
+
+def _doc_nll(model, tok, docs, seq_len: int, batch: int = 8) -> np.ndarray:
+    "Each document's summed next-token loss over its first `seq_len` + 1 tokens, and that token count: `(n, 2)`."
+    from xgen_small.evaluate import _token_nll
+    out = []
+    for i in range(0, len(docs), batch):
+        ids = [t[:seq_len + 1] for t in tok.encode_batch([d['text'] for d in docs[i:i + batch]], errors='replace')]
+        ids = [t + [tok.eos_id] if len(t) <= seq_len else t for t in ids]
+        x = np.zeros((len(ids), seq_len + 1), np.int32); m = np.zeros((len(ids), seq_len), np.float32)
+        seg = np.zeros((len(ids), seq_len), np.int32)               # 1: the document, 0: padding
+        for r, t in enumerate(ids): x[r, :len(t)] = t; m[r, :len(t) - 1] = 1; seg[r, :len(t)] = 1
+        pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), m.shape)
+        nll = np.asarray(_token_nll(model, x[:, :-1], x[:, 1:], pos, seg))
+        nll = np.where(m > 0, nll, 0.0)                         # padding's loss, whatever it is, counts for nothing
+        out += [(nll[r].sum(), m[r].sum()) for r in range(len(ids))]
+    return np.asarray(out, np.float64)
+
+def _held_out_loss(nll: np.ndarray, docs, phase: str) -> float:
+    "Mean token loss over held-out documents drawn as mixture `phase` draws them (weights: its epochs per document)."
+    w = np.asarray([d['epochs'][phase] for d in docs])
+    return float((w * nll[:, 0]).sum() / (w * nll[:, 1]).sum())
+
+def _paired_gap(a: np.ndarray, b: np.ndarray, docs, phase: str, n: int = 2000, seed: int = 0) -> list:
+    "95% interval of `b`'s held-out loss minus `a`'s, resampling documents (the same ones for both runs)."
+    w, rng = np.asarray([d['epochs'][phase] for d in docs]), np.random.default_rng(seed)
+    mean = lambda x, i: (w[i] * x[i, 0]).sum() / (w[i] * x[i, 1]).sum()
+    gaps = [mean(b, i) - mean(a, i) for i in rng.integers(0, len(docs), (n, len(docs)))]
+    return [float(x) for x in np.percentile(gaps, [2.5, 97.5])]
+
+def _pretrain_store(p: Pipeline, plan: dict):
+    "Split the kept documents into `held_out.jsonl.gz` and the token store `data/` that pre-training reads."
     from xgen_small.data.loader import build_token_store
+    d, docs = p.dir('pretrain'), p.kept_docs()
+    with gzip.open(d / 'held_out.jsonl.gz', 'wt', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in docs if _held_out(r))
+    with gzip.open(d / 'train_docs.jsonl.gz', 'wt', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in docs if not _held_out(r))
+    build_token_store([d / 'train_docs.jsonl.gz'], p.tokenizer(), d / 'data', plan=plan)
+    (d / 'train_docs.jsonl.gz').unlink()
+
+def _run_pretrain(p: Pipeline, sums) -> dict:
+    from xgen_small.checkpoint import load_run
     from xgen_small.train import train
     d, cfg = p.dir('pretrain'), p.cfg.pretrain
     if p.lead:
-        if not (d / 'data' / 'meta.json').exists():
-            kept = sorted((p.dir('curate') / 'kept').glob('*.jsonl.gz'))
-            build_token_store(kept, p.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
+        if not (d / 'data' / 'meta.json').exists(): _pretrain_store(p, sums['curate']['mixture'])
         (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     _sync('pretrain-store')
+    branch = cfg.steps - cfg.schedule[-1].steps              # where the last phase (the anneal) begins
+    if p.cfg.anneal_ablation:
+        train(cfg, d / 'data', d, steps=branch, progress=p.progress)
+        if p.lead: _branch(d, branch, d / 'no_anneal')
+        _sync('pretrain-branch')
     train(cfg, d / 'data', d, progress=p.progress)
     h = read_history(d)
     phase_end = {ph: [x['loss'] for x in h if x['phase'] == ph][-1] for ph in dict.fromkeys(x['phase'] for x in h)}
     meta = json.loads((d / 'data' / 'meta.json').read_text())
-    return dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
-                first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
-                tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    out = dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
+               first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
+               tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    if p.cfg.anneal_ablation:
+        train(no_anneal(cfg), d / 'data', d / 'no_anneal', progress=p.progress)
+        held = [json.loads(l) for l in gzip.open(d / 'held_out.jsonl.gz', 'rt', encoding='utf-8')]
+        tok, phases = p.tokenizer(), [ph.name for ph in cfg.schedule]
+        nll = {run: _doc_nll(load_run(path)[0], tok, held, cfg.seq_len)
+               for run, path in (('anneal', d), ('no_anneal', d / 'no_anneal'))}
+        out['anneal_ablation'] = dict(
+            branch_step=branch, held_out_docs=len(held), held_out_tokens=int(nll['anneal'][:, 1].sum()),
+            loss={run: {ph: _held_out_loss(x, held, ph) for ph in dict.fromkeys(phases)} for run, x in nll.items()},
+            gap_95={ph: _paired_gap(nll['anneal'], nll['no_anneal'], held, ph) for ph in dict.fromkeys(phases)})
+    return out
 
 def _run_extend(p: Pipeline, _) -> dict:
     from xgen_small.checkpoint import load_run
@@ -531,6 +623,13 @@ def _run_report(p: Pipeline, sums) -> dict:
     (d / 'summary.md').write_text(report_markdown(p, sums, figures))
     return dict(figures=figures, model=str(d / 'model'))
 
+def _pretrained(p: Pipeline, stage: str) -> str | None:
+    "The pre-training checkpoint at its last step, and the ablation's when the configuration asks for one."
+    missing = _trained(lambda c: c.pretrain.steps)(p, stage)
+    if missing is None and p.cfg.anneal_ablation and _last_step(p.dir(stage) / 'no_anneal') != p.cfg.pretrain.steps:
+        return f'the no-anneal ablation\'s checkpoint of step {p.cfg.pretrain.steps}'
+    return missing
+
 # %% [markdown]
 # The table itself, in running order:
 
@@ -562,9 +661,9 @@ STAGE_TABLE = (
     Stage(
         'pretrain',
         ('curate', 'tokenizer'),
-        lambda c: c.pretrain.to_dict(),
+        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT),
         _run_pretrain,
-        _trained(lambda c: c.pretrain.steps),
+        _pretrained,
         'token store, then the `broad` -> `anneal` phases (quality annealing)',
         '08, 09, 18',
         '`pretrain/checkpoints`',
@@ -856,6 +955,16 @@ test_eq(list(sums), list(STAGES))
 test_eq(set(Pipeline(quick, work / 'run').status().values()), {'done'})
 test_eq(sorted(p.name for p in (work / 'run' / 'report').iterdir()),
         ['loss.png', 'model', 'rl_reward.png', 'ruler.png', 'schedule.png', 'stage.json', 'started.json', 'summary.md'])
+# the anneal ablation branched at the last phase's start and ran to the end; no held-out document was trained on
+ab, pre = sums['pretrain']['anneal_ablation'], work / 'run' / 'pretrain'
+test_eq((ab['branch_step'], _last_step(pre / 'no_anneal'), _last_step(pre)), (1, 2, 2))
+held = [json.loads(l) for l in gzip.open(pre / 'held_out.jsonl.gz', 'rt', encoding='utf-8')]
+kept = Pipeline(quick, work / 'run').kept_docs()
+test_eq((ab['held_out_docs'], len(held), [r['id'] for r in held]), (len(held), sum(map(_held_out, kept)), [r['id'] for r in kept if _held_out(r)]))
+test_eq(len(np.load(pre / 'data' / 'index.npz')['lengths']), len(kept) - len(held))
+assert 0 < len(held) < len(kept) / 8 and all(lo <= hi for lo, hi in ab['gap_95'].values()), ab
+test_eq([ph.name for ph in no_anneal(quick.pretrain).schedule], ['broad', 'broad'])
+test_fail(lambda: replace(quick, pretrain=replace(quick.pretrain, schedule=quick.pretrain.schedule[:1])), contains='anneal_ablation needs')
 
 # %% [markdown]
 # The quick run's `summary.md` starts like this (its numbers mean nothing at one step per stage):
@@ -903,21 +1012,20 @@ test_fail(lambda: p2.run(stop_after='ship'), contains="unknown stage 'ship'")
 # `tokenizer`, whose fingerprints it shares.
 
 # %%
-from xgen_small.data.loader import build_token_store
 from xgen_small.train import train
 cut = quick.with_overrides(['pretrain.save_every=1', 'pretrain.schedule.0.steps=3'])
 pc = Pipeline(cut, work / 'cut', progress=False)
 for s in ('curate', 'tokenizer'): shutil.copytree(work / 'run' / s, pc.dir(s))
 pc.dir('pretrain').mkdir()
 (pc.dir('pretrain') / 'started.json').write_text(json.dumps(dict(fingerprint=pc.fp['pretrain'])))
-build_token_store(sorted((pc.dir('curate') / 'kept').glob('*.jsonl.gz')), pc.tokenizer(), pc.dir('pretrain') / 'data',
-                  plan=json.loads((pc.dir('curate') / 'summary.json').read_text())['mixture'])
+_pretrain_store(pc, json.loads((pc.dir('curate') / 'summary.json').read_text())['mixture'])
 train(cut.pretrain, pc.dir('pretrain') / 'data', pc.dir('pretrain'), steps=2, progress=False)      # the "interrupted" run
 lines = []
 Pipeline(cut, work / 'cut', progress=False, log=lines.append).run(stop_after='pretrain')
 print('\n'.join(lines))
 test_eq('pretrain: resuming' in lines[-2], True)
 test_eq([h['step'] for h in read_history(pc.dir('pretrain'))], [1, 2, 3, 4])
+test_eq([h['step'] for h in read_history(pc.dir('pretrain') / 'no_anneal')], [4])        # branched at step 3
 
 # %% [markdown]
 # ### The exported model
@@ -1007,6 +1115,9 @@ assert pt['final_loss'] < pt['first_loss'] - 2, pt                              
 assert sf['final_loss'] < 0.25 * sf['first_loss'] and sf['after']['held_out_math'] > 0, sf  # SFT fits; held-out math above 0
 ppl = json.loads((full_dir / 'eval' / 'results.json').read_text())['perplexity']
 assert ppl['extend'][3]['loss'] < ppl['pretrain'][3]['loss'], ppl                    # the extended model uses long context
+ab = pt['anneal_ablation']                                                           # annealing lowers held-out high-quality loss,
+assert ab['gap_95']['anneal'][0] > 0, ab                                             # beyond the documents' noise
+assert ab['gap_95']['anneal'][0] > ab['gap_95']['broad'][0], ab                      # and more than the corpus-wide loss
 test_eq(len(full_sums['report']['figures']), 4)
 
 # %% [markdown]
@@ -1023,6 +1134,11 @@ test_eq(len(full_sums['report']['figures']), 4)
 #
 # - **Curation** keeps about half of the sample corpus; every dropped document has its reason in the ledger.
 # - **Pre-training** takes the loss from 8.3 (uniform over 4,096 pieces) to about 4.9 in 160 steps.
+# - **Quality annealing** does what the paper uses it for: on the 62 held-out documents weighted as the anneal
+#   mixture draws them, the run that ends on the anneal mixture has a lower loss than the same run continued on the
+#   broad mixture for those 32 steps (4.261 against 4.307 in a one-device run: 0.046 nats, 95% interval 0.021 to
+#   0.072), while on the corpus at large (broad weights) the two are within noise (0.009, interval -0.024 to 0.042).
+#   The training losses of the last phase are not the comparison (they are on different data); the held-out ones are.
 # - **Extension** lowers the loss on long documents at *late* positions far below the pre-trained model's (the
 #   loss-by-position table in `summary.md`): the extended model uses context the pre-trained one cannot.
 # - **SFT** fits its four-domain conversations (loss from about 6.7 to 0.4), but on 64 held-out conversations, whose
@@ -1034,7 +1150,12 @@ test_eq(len(full_sums['report']['figures']), 4)
 #   DPO's five; the batch reward stays near 0.05). Notebook 25 shows RL doing more (0% -> 31% greedy) when it starts
 #   from a math-only SFT and gets 60 steps; at 30 steps after a four-domain SFT too few sampled groups contain a right
 #   answer for GRPO to have a signal. We report it rather than tune the preset until the table looks good; making the
-#   report show each of the paper's effects is issue 21.
+#   report show each of the paper's effects is issue 21. Tried and not enough: SFT with half its conversations math
+#   and 200 steps, then 30 or 60 RL steps, raises the batch reward (0.11 -> 0.16, 0.13 -> 0.19) but leaves held-out
+#   arithmetic at 9-11%. The replies show why: asked `What is 2 + 9?`, the model writes `0 + 6 = 9. The answer is
+#   6.`: it has the form but does not copy the operands from the prompt. It lacks the same copying skill that
+#   passkey retrieval needs (next line), so the fix we expect to move both is to form it in pre-training, as
+#   notebook 20's bootstrap does on the side.
 # - **RULER** is 0 everywhere, before and after extension: the tiny model on this budget does not retrieve needles
 #   at any length. The side demo (`benchmarks/long_context_demo.py`, notebook 20) does lift passkey at 4x the
 #   pre-training length from 6% to 100%, with a retrieval bootstrap and 320/320/160 extension steps where this preset

@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -31,8 +32,8 @@ from .sharding import MeshConfig
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['STAGE_TABLE', 'STAGES', 'EvalConfig', 'PipelineConfig', 'pipeline_config', 'scale_steps', 'Stage', 'PipelineError',
-           'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
+__all__ = ['HOLD_OUT', 'STAGE_TABLE', 'STAGES', 'EvalConfig', 'PipelineConfig', 'pipeline_config', 'scale_steps', 'Stage',
+           'PipelineError', 'no_anneal', 'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
 
 # %% ../nbs/40_pipeline.ipynb #83162665
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ class PipelineConfig(Config):
     rl: RLConfig = field(default_factory=RLConfig)
     rl_tasks: int = 400                  # arithmetic prompts from the training split (notebooks 21, 25)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # train the last pre-training phase a second time on the phase before's mixture, from the same checkpoint, and
+    # compare the two on held-out documents: what quality annealing buys (the cpu preset does; a pod run would not)
+    anneal_ablation: bool = False
 
     def __post_init__(self):
         m = self.pretrain.model
@@ -101,6 +105,10 @@ class PipelineConfig(Config):
             raise ConfigError(
                 f"eval.lengths go up to {max(self.eval.lengths)}, beyond the extended model's {longest} tokens"
             )
+        sch = self.pretrain.schedule
+        if self.anneal_ablation and (len(sch) < 2 or sch[-1].name == sch[-2].name):
+            raise ConfigError("anneal_ablation needs a pre-training schedule whose last phase trains on another "
+                              f"mixture than the phase before it; the phases are {[ph.name for ph in sch]}")
         for n in ('sft_examples', 'dpo_pairs', 'rl_tasks', 'vocab_size'):
             if getattr(self, n) < 1: raise ConfigError(f"PipelineConfig.{n} must be positive")
 
@@ -150,6 +158,7 @@ def pipeline_config(preset: str = 'cpu', *, steps_scale: float = 1.0) -> Pipelin
                 save_every=10,
             ),
             eval=EvalConfig(lengths=(512, 1024, 2048, 4096), n=5, ruler={'cwe_common': 5}),
+            anneal_ablation=True,
         )  # 10 common words overflow 512 tokens
     elif preset in ('xgen_4b', 'xgen_9b'):
         model = get_preset(preset)
@@ -302,23 +311,93 @@ def _tokenizer_missing(p: Pipeline, stage: str) -> str | None:
         else 'the tokenizer it recorded'
     )
 
-def _run_pretrain(p: Pipeline, sums) -> dict:
+HOLD_OUT = 16          # one kept document in 16 (by a hash of its id) never enters pre-training: the held-out set
+
+def _held_out(doc: dict) -> bool: return zlib.crc32(str(doc['id']).encode()) % HOLD_OUT == 0
+
+def no_anneal(cfg: TrainConfig) -> TrainConfig:
+    "`cfg` with its last phase training on the previous phase's mixture: the same steps and learning rates."
+    *head, last = cfg.schedule
+    return replace(cfg, schedule=(*head, replace(last, name=head[-1].name)))
+
+def _branch(src: Path, step: int, dst: Path):
+    "Copy checkpoint `step` of run directory `src` into the fresh run directory `dst` (atomically)."
+    if (dst / 'checkpoints').exists(): return
+    tmp = dst / 'checkpoints.tmp'
+    if tmp.exists(): shutil.rmtree(tmp)
+    shutil.copytree(src / 'checkpoints' / str(step), tmp / str(step))
+    tmp.rename(dst / 'checkpoints')
+
+def _doc_nll(model, tok, docs, seq_len: int, batch: int = 8) -> np.ndarray:
+    "Each document's summed next-token loss over its first `seq_len` + 1 tokens, and that token count: `(n, 2)`."
+    from xgen_small.evaluate import _token_nll
+    out = []
+    for i in range(0, len(docs), batch):
+        ids = [t[:seq_len + 1] for t in tok.encode_batch([d['text'] for d in docs[i:i + batch]], errors='replace')]
+        ids = [t + [tok.eos_id] if len(t) <= seq_len else t for t in ids]
+        x = np.zeros((len(ids), seq_len + 1), np.int32); m = np.zeros((len(ids), seq_len), np.float32)
+        seg = np.zeros((len(ids), seq_len), np.int32)               # 1: the document, 0: padding
+        for r, t in enumerate(ids): x[r, :len(t)] = t; m[r, :len(t) - 1] = 1; seg[r, :len(t)] = 1
+        pos = np.broadcast_to(np.arange(seq_len, dtype=np.int32), m.shape)
+        nll = np.asarray(_token_nll(model, x[:, :-1], x[:, 1:], pos, seg))
+        nll = np.where(m > 0, nll, 0.0)                         # padding's loss, whatever it is, counts for nothing
+        out += [(nll[r].sum(), m[r].sum()) for r in range(len(ids))]
+    return np.asarray(out, np.float64)
+
+def _held_out_loss(nll: np.ndarray, docs, phase: str) -> float:
+    "Mean token loss over held-out documents drawn as mixture `phase` draws them (weights: its epochs per document)."
+    w = np.asarray([d['epochs'][phase] for d in docs])
+    return float((w * nll[:, 0]).sum() / (w * nll[:, 1]).sum())
+
+def _paired_gap(a: np.ndarray, b: np.ndarray, docs, phase: str, n: int = 2000, seed: int = 0) -> list:
+    "95% interval of `b`'s held-out loss minus `a`'s, resampling documents (the same ones for both runs)."
+    w, rng = np.asarray([d['epochs'][phase] for d in docs]), np.random.default_rng(seed)
+    mean = lambda x, i: (w[i] * x[i, 0]).sum() / (w[i] * x[i, 1]).sum()
+    gaps = [mean(b, i) - mean(a, i) for i in rng.integers(0, len(docs), (n, len(docs)))]
+    return [float(x) for x in np.percentile(gaps, [2.5, 97.5])]
+
+def _pretrain_store(p: Pipeline, plan: dict):
+    "Split the kept documents into `held_out.jsonl.gz` and the token store `data/` that pre-training reads."
     from xgen_small.data.loader import build_token_store
+    d, docs = p.dir('pretrain'), p.kept_docs()
+    with gzip.open(d / 'held_out.jsonl.gz', 'wt', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in docs if _held_out(r))
+    with gzip.open(d / 'train_docs.jsonl.gz', 'wt', encoding='utf-8') as f:
+        f.writelines(json.dumps(r) + '\n' for r in docs if not _held_out(r))
+    build_token_store([d / 'train_docs.jsonl.gz'], p.tokenizer(), d / 'data', plan=plan)
+    (d / 'train_docs.jsonl.gz').unlink()
+
+def _run_pretrain(p: Pipeline, sums) -> dict:
+    from xgen_small.checkpoint import load_run
     from xgen_small.train import train
     d, cfg = p.dir('pretrain'), p.cfg.pretrain
     if p.lead:
-        if not (d / 'data' / 'meta.json').exists():
-            kept = sorted((p.dir('curate') / 'kept').glob('*.jsonl.gz'))
-            build_token_store(kept, p.tokenizer(), d / 'data', plan=sums['curate']['mixture'])
+        if not (d / 'data' / 'meta.json').exists(): _pretrain_store(p, sums['curate']['mixture'])
         (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     _sync('pretrain-store')
+    branch = cfg.steps - cfg.schedule[-1].steps              # where the last phase (the anneal) begins
+    if p.cfg.anneal_ablation:
+        train(cfg, d / 'data', d, steps=branch, progress=p.progress)
+        if p.lead: _branch(d, branch, d / 'no_anneal')
+        _sync('pretrain-branch')
     train(cfg, d / 'data', d, progress=p.progress)
     h = read_history(d)
     phase_end = {ph: [x['loss'] for x in h if x['phase'] == ph][-1] for ph in dict.fromkeys(x['phase'] for x in h)}
     meta = json.loads((d / 'data' / 'meta.json').read_text())
-    return dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
-                first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
-                tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    out = dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
+               first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
+               tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    if p.cfg.anneal_ablation:
+        train(no_anneal(cfg), d / 'data', d / 'no_anneal', progress=p.progress)
+        held = [json.loads(l) for l in gzip.open(d / 'held_out.jsonl.gz', 'rt', encoding='utf-8')]
+        tok, phases = p.tokenizer(), [ph.name for ph in cfg.schedule]
+        nll = {run: _doc_nll(load_run(path)[0], tok, held, cfg.seq_len)
+               for run, path in (('anneal', d), ('no_anneal', d / 'no_anneal'))}
+        out['anneal_ablation'] = dict(
+            branch_step=branch, held_out_docs=len(held), held_out_tokens=int(nll['anneal'][:, 1].sum()),
+            loss={run: {ph: _held_out_loss(x, held, ph) for ph in dict.fromkeys(phases)} for run, x in nll.items()},
+            gap_95={ph: _paired_gap(nll['anneal'], nll['no_anneal'], held, ph) for ph in dict.fromkeys(phases)})
+    return out
 
 def _run_extend(p: Pipeline, _) -> dict:
     from xgen_small.checkpoint import load_run
@@ -406,6 +485,13 @@ def _run_report(p: Pipeline, sums) -> dict:
     (d / 'summary.md').write_text(report_markdown(p, sums, figures))
     return dict(figures=figures, model=str(d / 'model'))
 
+def _pretrained(p: Pipeline, stage: str) -> str | None:
+    "The pre-training checkpoint at its last step, and the ablation's when the configuration asks for one."
+    missing = _trained(lambda c: c.pretrain.steps)(p, stage)
+    if missing is None and p.cfg.anneal_ablation and _last_step(p.dir(stage) / 'no_anneal') != p.cfg.pretrain.steps:
+        return f'the no-anneal ablation\'s checkpoint of step {p.cfg.pretrain.steps}'
+    return missing
+
 # %% ../nbs/40_pipeline.ipynb #6470fbc6
 STAGE_TABLE = (
     Stage(
@@ -433,9 +519,9 @@ STAGE_TABLE = (
     Stage(
         'pretrain',
         ('curate', 'tokenizer'),
-        lambda c: c.pretrain.to_dict(),
+        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT),
         _run_pretrain,
-        _trained(lambda c: c.pretrain.steps),
+        _pretrained,
         'token store, then the `broad` -> `anneal` phases (quality annealing)',
         '08, 09, 18',
         '`pretrain/checkpoints`',
