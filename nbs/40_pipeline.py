@@ -1137,17 +1137,18 @@ test_eq(len(full_sums['report']['figures']), 4)
 # - **Quality annealing** does what the paper uses it for: on the 62 held-out documents weighted as the anneal
 #   mixture draws them, the run that ends on the anneal mixture has a lower loss than the same run continued on the
 #   broad mixture for those 32 steps (4.261 against 4.307 in a one-device run: 0.046 nats, 95% interval 0.021 to
-#   0.072), while on the corpus at large (broad weights) the two are within noise (0.009, interval -0.024 to 0.042).
+#   0.072; 4.326 against 4.380 in the 8-device run above), while on the corpus at large (broad weights) the two are
+#   within noise (one device: 0.009, interval -0.024 to 0.042).
 #   The training losses of the last phase are not the comparison (they are on different data); the held-out ones are.
 # - **Extension** lowers the loss on long documents at *late* positions far below the pre-trained model's (the
 #   loss-by-position table in `summary.md`): the extended model uses context the pre-trained one cannot.
 # - **SFT** fits its four-domain conversations (loss from about 6.7 to 0.4), but on 64 held-out conversations, whose
-#   questions it never trained on, right replies go only from 0% to about 2%, and held-out arithmetic from 0% to about
-#   11%. (Until every generated family was split by question, this line read "0% to about half": the held-out set
+#   questions it never trained on, right replies go only from 0% to 0-2%, and held-out arithmetic from 0% to 6-11%
+#   (the 8-device run above, and one-device runs). (Until every generated family was split by question, this line read "0% to about half": the held-out set
 #   shared most of its questions with the training set.)
-# - **DPO** (with the chosen reply's NLL) leaves held-out arithmetic where SFT left it (about 11%; the pairs'
-#   reward accuracy reaches about 60%); **RL** at this budget moves it a little (to about 14%, one question more than
-#   DPO's five; the batch reward stays near 0.05). Notebook 25 shows RL doing more (0% -> 31% greedy) when it starts
+# - **DPO** (with the chosen reply's NLL) leaves held-out arithmetic about where SFT left it (9-11%; the pairs'
+#   reward accuracy reaches about 60%); **RL** at this budget does not move it beyond noise (one device: 11% -> 14%,
+#   one question more; the 8-device run above: 9% -> 6%; the batch reward stays near 0.05-0.07). Notebook 25 shows RL doing more (0% -> 31% greedy) when it starts
 #   from a math-only SFT and gets 60 steps; at 30 steps after a four-domain SFT too few sampled groups contain a right
 #   answer for GRPO to have a signal. We report it rather than tune the preset until the table looks good; making the
 #   report show each of the paper's effects is issue 21. Tried and not enough: SFT with half its conversations math

@@ -188,9 +188,9 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # loss at late positions of long documents; SFT's held-out arithmetic above zero. Not yet: passkey retrieval, which
 # length extension lifts at 2K tokens (4x the pre-training length) from 6% to 100% only in the side demo
 # (`benchmarks/long_context_demo.py`, ~35 min, a separately trained retrieval bootstrap, critical-pair RoPE bases;
-# NTK bases stopped at 67%), and RL's +10 points on held-out arithmetic (14% after RL against 11% before). Both
-# need a model that copies from its context, which the main command's 160 pre-training steps do not form (notebook
-# 40 shows the replies).
+# NTK bases stopped at 67%), and RL's +10 points on held-out arithmetic (RL leaves it within noise: 11% -> 14% in
+# one run, 9% -> 6% in another). Both need a model that copies from its context, which the main command's 160
+# pre-training steps do not form (notebook 40 shows the replies).
 #
 # ## What the report says and what we chose
 #
