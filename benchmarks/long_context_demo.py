@@ -79,7 +79,7 @@ def main(argv=None):
         extend,
         long_context_records,
         recall_accuracy,
-        recall_document,
+        recall_records,
         retrieval_documents,
         rope_base_for,
         write_store,
@@ -95,13 +95,6 @@ def main(argv=None):
     tok = Tokenizer(train_tokenizer([d['text'] for d in sample[:600]], 4096))
     natural = [dict(text=d['text'], domain=d['domain']) for d in sample]
     rc = ruler.RulerConfig(digits=5)
-
-    def recall_records(n_tokens, seed):
-        rng, out, n = np.random.default_rng(seed), [], 0
-        while n < n_tokens:
-            ids = recall_document(tok, rng)
-            out.append(dict(text=tok.decode(ids), domain='retrieval')); n += len(ids)
-        return out
 
     t0 = time.perf_counter()
     boot_cfg = TrainConfig(
@@ -120,7 +113,7 @@ def main(argv=None):
     else:
         boot = train(
             boot_cfg,
-            write_store(recall_records(128 * 32 * (steps(1200) + 60), 0), tok, work / 'boot_data'),
+            write_store(recall_records(tok, 128 * 32 * (steps(1200) + 60), 0, 'retrieval'), tok, work / 'boot_data'),
             work / 'boot',
             progress=False,
         )

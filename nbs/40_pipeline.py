@@ -79,7 +79,7 @@ from xgen_small.extend import EXTENSION_PRESETS, ExtensionRecipe
 from xgen_small.model import params_of
 from xgen_small.report import read_history, report_figures, report_markdown
 from xgen_small.rl import RLConfig
-from xgen_small.schedules import default_schedule
+from xgen_small.schedules import LRPhase, default_schedule
 from xgen_small.sft import SFTConfig
 from xgen_small.sharding import MeshConfig
 from xgen_small.train import TrainConfig
@@ -154,6 +154,9 @@ class PipelineConfig(Config):
     # train the last pre-training phase a second time on the phase before's mixture, from the same checkpoint, and
     # compare the two on held-out documents: what quality annealing buys (the cpu preset does; a pod run would not)
     anneal_ablation: bool = False
+    # steps of key-value recall documents (notebook 20's `recall_records`) trained before pre-training, whose weights
+    # pre-training then starts from: the copy skill that arithmetic and retrieval need (0: none; see below)
+    copy_bootstrap: int = 0
 
     def __post_init__(self):
         m = self.pretrain.model
@@ -180,6 +183,7 @@ class PipelineConfig(Config):
         if self.anneal_ablation and (len(sch) < 2 or sch[-1].name == sch[-2].name):
             raise ConfigError("anneal_ablation needs a pre-training schedule whose last phase trains on another "
                               f"mixture than the phase before it; the phases are {[ph.name for ph in sch]}")
+        if self.copy_bootstrap < 0: raise ConfigError(f"copy_bootstrap must be 0 or more, got {self.copy_bootstrap}")
         for n in ('sft_examples', 'dpo_pairs', 'rl_tasks', 'vocab_size'):
             if getattr(self, n) < 1: raise ConfigError(f"PipelineConfig.{n} must be positive")
 
@@ -299,6 +303,7 @@ def scale_steps(c: PipelineConfig, s: float) -> PipelineConfig:
     n = lambda k: max(1, round(k * s))
     post = lambda pc: replace(pc, steps=n(pc.steps), warmup_steps=min(pc.warmup_steps, n(pc.steps)))
     return replace(c, pretrain=replace(c.pretrain, schedule=_scaled_schedule(c.pretrain.schedule, s)),
+                   copy_bootstrap=n(c.copy_bootstrap) if c.copy_bootstrap else 0,
                    extension=replace(c.extension, stages=tuple(post(st) for st in c.extension.stages)),
                    sft=post(c.sft), dpo=post(c.dpo), rl=post(c.rl))
 
@@ -412,6 +417,20 @@ def _trained(steps_of):
 # from resampling the documents (both runs scored on the same resample), so a difference smaller than the noise
 # of 62 documents reads as one. The ablation costs the last phase's steps again (32 of 160 on the `cpu` preset); a
 # pod run would leave it off.
+#
+# Pre-training can also start with a **copy bootstrap** (`copy_bootstrap=N`, off in the presets). The post-trained
+# model's replies show a skill 160 steps of natural text do not form: asked `What is 0 + 2?`, a run from scratch
+# writes `5 + 1 = 10.`, the form of an answer with operands it did not take from the question. Copying from the
+# context is what arithmetic, most held-out instructions and passkey retrieval need (an induction head, notebook 20),
+# and notebook 20's way to form it is a short run on key-value recall documents. With `copy_bootstrap=N` the stage
+# first trains N steps on them (`pretrain/bootstrap`: 32 rows of 128 tokens, the same tokens per step as
+# pre-training, the first phase's peak learning rate held constant, no weight decay), then pre-trains from those
+# weights. On one device, `xgen-small run --set copy_bootstrap=300` (the `cpu` preset otherwise; 182 s for the
+# bootstrap, which reaches 12% greedy recall): the replies copy their operands (`0 + 2 = 2.`, `1 + 3 = 10.`), right
+# replies to the 64 held-out conversations go from 0% to 34% after SFT (0-2% without it), held-out arithmetic ends
+# at 17% after RL (6-14% without it); RL still adds little (14% -> 17%), passkey stays at 0%, and the anneal
+# ablation's gap falls inside its noise (3.904 against 3.928). The stages took 922 s (15.5 minutes with start-up),
+# over the quarter hour the preset is held to, which is why it is off there.
 
 # %%
 #| export
@@ -505,6 +524,31 @@ def _pretrain_store(p: Pipeline, plan: dict):
     build_token_store([d / 'train_docs.jsonl.gz'], p.tokenizer(), d / 'data', plan=plan)
     (d / 'train_docs.jsonl.gz').unlink()
 
+def bootstrap_config(pretrain: TrainConfig, steps: int, seq_len: int = 128) -> TrainConfig:
+    "The copy bootstrap's run: pre-training's model, mesh and tokens per step in short rows, its first peak lr held "
+    "constant after a warmup, no weight decay (notebook 20's recipe)."
+    seq = min(seq_len, pretrain.seq_len)
+    return replace(pretrain, seq_len=seq, batch_size=pretrain.batch_size * pretrain.seq_len // seq, split='boundary',
+                   weight_decay=0.0, save_every=steps,
+                   schedule=(LRPhase('bootstrap', steps, pretrain.schedule[0].peak_lr, min(50, steps), 'constant'),))
+
+def _copy_bootstrap(p: Pipeline) -> tuple[dict, dict]:
+    "Train (or resume) the copy bootstrap in `pretrain/bootstrap`; its parameters and summary."
+    from xgen_small.checkpoint import load_run
+    from xgen_small.extend import recall_accuracy, recall_records, write_store
+    from xgen_small.train import train
+    d, tok = p.dir('pretrain') / 'bootstrap', p.tokenizer()
+    cfg = bootstrap_config(p.cfg.pretrain, p.cfg.copy_bootstrap)
+    if p.lead and not (d / 'data' / 'meta.json').exists():
+        write_store(recall_records(tok, int(1.05 * cfg.steps * cfg.batch_size * cfg.seq_len) + 4096, seed=0), tok,
+                    d / 'data')
+    _sync('bootstrap-store')
+    train(cfg, d / 'data', d, progress=p.progress, stage='bootstrap')
+    model, h = load_run(d)[0], read_history(d)
+    return jax.device_get(params_of(model)), dict(
+        steps=cfg.steps, rows=f'{cfg.batch_size} x {cfg.seq_len}', first_loss=h[0]['loss'], final_loss=h[-1]['loss'],
+        recall=recall_accuracy(model, tok, n=64))
+
 def _run_pretrain(p: Pipeline, sums) -> dict:
     from xgen_small.checkpoint import load_run
     from xgen_small.train import train
@@ -513,18 +557,20 @@ def _run_pretrain(p: Pipeline, sums) -> dict:
         if not (d / 'data' / 'meta.json').exists(): _pretrain_store(p, sums['curate']['mixture'])
         (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     _sync('pretrain-store')
+    init, boot = _copy_bootstrap(p) if p.cfg.copy_bootstrap else (None, None)
     branch = cfg.steps - cfg.schedule[-1].steps              # where the last phase (the anneal) begins
     if p.cfg.anneal_ablation:
-        train(cfg, d / 'data', d, steps=branch, progress=p.progress)
+        train(cfg, d / 'data', d, steps=branch, progress=p.progress, init_params=init)
         if p.lead: _branch(d, branch, d / 'no_anneal')
         _sync('pretrain-branch')
-    train(cfg, d / 'data', d, progress=p.progress)
+    train(cfg, d / 'data', d, progress=p.progress, init_params=init)
     h = read_history(d)
     phase_end = {ph: [x['loss'] for x in h if x['phase'] == ph][-1] for ph in dict.fromkeys(x['phase'] for x in h)}
     meta = json.loads((d / 'data' / 'meta.json').read_text())
     out = dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
                first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
                tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    if boot: out['copy_bootstrap'] = boot
     if p.cfg.anneal_ablation:
         train(no_anneal(cfg), d / 'data', d / 'no_anneal', progress=p.progress)
         held = [json.loads(l) for l in gzip.open(d / 'held_out.jsonl.gz', 'rt', encoding='utf-8')]
@@ -661,7 +707,8 @@ STAGE_TABLE = (
     Stage(
         'pretrain',
         ('curate', 'tokenizer'),
-        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT),
+        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT,
+                       **({'copy_bootstrap': c.copy_bootstrap} if c.copy_bootstrap else {})),
         _run_pretrain,
         _pretrained,
         'token store, then the `broad` -> `anneal` phases (quality annealing)',
@@ -1155,8 +1202,11 @@ test_eq(len(full_sums['report']['figures']), 4)
 #   and 200 steps, then 30 or 60 RL steps, raises the batch reward (0.11 -> 0.16, 0.13 -> 0.19) but leaves held-out
 #   arithmetic at 9-11%. The replies show why: asked `What is 2 + 9?`, the model writes `0 + 6 = 9. The answer is
 #   6.`: it has the form but does not copy the operands from the prompt. It lacks the same copying skill that
-#   passkey retrieval needs (next line), so the fix we expect to move both is to form it in pre-training, as
-#   notebook 20's bootstrap does on the side.
+#   passkey retrieval needs (next line). The copy bootstrap above forms enough of it that the replies copy their
+#   operands and held-out right replies reach 34%, at 3 minutes more than the preset's budget; RL's +10 points it
+#   does not give (14% -> 17%). With a pass@8 of 29% against a greedy 17% there is headroom RL did not convert: 60
+#   steps at 3e-4 raised the batch reward (0.19 -> 0.24) and lowered held-out arithmetic (23% -> 14%), 90 steps at
+#   1e-4 left it where it was (23%), in a scratch run whose recall documents were a pre-training phase.
 # - **RULER** is 0 everywhere, before and after extension: the tiny model on this budget does not retrieve needles
 #   at any length. The side demo (`benchmarks/long_context_demo.py`, notebook 20) does lift passkey at 4x the
 #   pre-training length from 6% to 100%, with a retrieval bootstrap and 320/320/160 extension steps where this preset

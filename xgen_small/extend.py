@@ -28,9 +28,9 @@ from .train import TrainConfig, train
 # %% auto #0
 __all__ = ['MIXTURE_PARTS', 'EXTENSION_PRESETS', 'RETRIEVAL_TASKS', 'TRAIN_SEED_OFFSET', 'critical_pair', 'rope_base_for',
            'unseen_angle_distance', 'rope_decay_bound', 'ExtensionStage', 'ExtensionRecipe', 'extension_recipe',
-           'copy_document', 'recall_prompt', 'recall_document', 'recall_accuracy', 'retrieval_documents',
-           'long_context_records', 'write_store', 'stage_model_config', 'stage_mesh', 'stage_train_config',
-           'eval_config', 'ExtensionResult', 'extend']
+           'copy_document', 'recall_prompt', 'recall_document', 'recall_records', 'recall_accuracy',
+           'retrieval_documents', 'long_context_records', 'write_store', 'stage_model_config', 'stage_mesh',
+           'stage_train_config', 'eval_config', 'ExtensionResult', 'extend']
 
 # %% ../nbs/20_long_context.ipynb #25480866
 def critical_pair(theta: float, head_dim: int, base_len: int) -> int:
@@ -210,6 +210,14 @@ def recall_document(tok: Tokenizer, rng, digits: int = 5, max_gap: int = 24) -> 
     "A short key-value recall document, `' key: 12345. <noise> key: 12345.'`: the densest retrieval signal there is."
     ids, value = recall_prompt(tok, rng, digits, max_gap)
     return ids + tok.encode(f' {value}.')
+
+def recall_records(tok: Tokenizer, n_tokens: int, seed: int = 0, domain: str = 'recall') -> list[dict]:
+    "Text records of `recall_document`s totalling about `n_tokens` tokens: a token store of them is a recall bootstrap."
+    rng, out, n = np.random.default_rng(seed), [], 0
+    while n < n_tokens:
+        ids = recall_document(tok, rng)
+        out.append(dict(text=tok.decode(ids), domain=domain)); n += len(ids)
+    return out
 
 def recall_accuracy(
     model: Decoder, tok: Tokenizer, n: int = 32, seed: int = 12_345, digits: int = 5, max_gap: int = 24

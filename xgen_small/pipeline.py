@@ -26,14 +26,14 @@ from .extend import EXTENSION_PRESETS, ExtensionRecipe
 from .model import params_of
 from .report import read_history, report_figures, report_markdown
 from .rl import RLConfig
-from .schedules import default_schedule
+from .schedules import LRPhase, default_schedule
 from .sft import SFTConfig
 from .sharding import MeshConfig
 from .train import TrainConfig
 
 # %% auto #0
 __all__ = ['HOLD_OUT', 'STAGE_TABLE', 'STAGES', 'EvalConfig', 'PipelineConfig', 'pipeline_config', 'scale_steps', 'Stage',
-           'PipelineError', 'no_anneal', 'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
+           'PipelineError', 'no_anneal', 'bootstrap_config', 'fingerprints', 'stage_markdown', 'plan', 'Pipeline']
 
 # %% ../nbs/40_pipeline.ipynb #83162665
 @dataclass(frozen=True)
@@ -83,6 +83,9 @@ class PipelineConfig(Config):
     # train the last pre-training phase a second time on the phase before's mixture, from the same checkpoint, and
     # compare the two on held-out documents: what quality annealing buys (the cpu preset does; a pod run would not)
     anneal_ablation: bool = False
+    # steps of key-value recall documents (notebook 20's `recall_records`) trained before pre-training, whose weights
+    # pre-training then starts from: the copy skill that arithmetic and retrieval need (0: none; see below)
+    copy_bootstrap: int = 0
 
     def __post_init__(self):
         m = self.pretrain.model
@@ -109,6 +112,7 @@ class PipelineConfig(Config):
         if self.anneal_ablation and (len(sch) < 2 or sch[-1].name == sch[-2].name):
             raise ConfigError("anneal_ablation needs a pre-training schedule whose last phase trains on another "
                               f"mixture than the phase before it; the phases are {[ph.name for ph in sch]}")
+        if self.copy_bootstrap < 0: raise ConfigError(f"copy_bootstrap must be 0 or more, got {self.copy_bootstrap}")
         for n in ('sft_examples', 'dpo_pairs', 'rl_tasks', 'vocab_size'):
             if getattr(self, n) < 1: raise ConfigError(f"PipelineConfig.{n} must be positive")
 
@@ -217,6 +221,7 @@ def scale_steps(c: PipelineConfig, s: float) -> PipelineConfig:
     n = lambda k: max(1, round(k * s))
     post = lambda pc: replace(pc, steps=n(pc.steps), warmup_steps=min(pc.warmup_steps, n(pc.steps)))
     return replace(c, pretrain=replace(c.pretrain, schedule=_scaled_schedule(c.pretrain.schedule, s)),
+                   copy_bootstrap=n(c.copy_bootstrap) if c.copy_bootstrap else 0,
                    extension=replace(c.extension, stages=tuple(post(st) for st in c.extension.stages)),
                    sft=post(c.sft), dpo=post(c.dpo), rl=post(c.rl))
 
@@ -367,6 +372,31 @@ def _pretrain_store(p: Pipeline, plan: dict):
     build_token_store([d / 'train_docs.jsonl.gz'], p.tokenizer(), d / 'data', plan=plan)
     (d / 'train_docs.jsonl.gz').unlink()
 
+def bootstrap_config(pretrain: TrainConfig, steps: int, seq_len: int = 128) -> TrainConfig:
+    "The copy bootstrap's run: pre-training's model, mesh and tokens per step in short rows, its first peak lr held "
+    "constant after a warmup, no weight decay (notebook 20's recipe)."
+    seq = min(seq_len, pretrain.seq_len)
+    return replace(pretrain, seq_len=seq, batch_size=pretrain.batch_size * pretrain.seq_len // seq, split='boundary',
+                   weight_decay=0.0, save_every=steps,
+                   schedule=(LRPhase('bootstrap', steps, pretrain.schedule[0].peak_lr, min(50, steps), 'constant'),))
+
+def _copy_bootstrap(p: Pipeline) -> tuple[dict, dict]:
+    "Train (or resume) the copy bootstrap in `pretrain/bootstrap`; its parameters and summary."
+    from xgen_small.checkpoint import load_run
+    from xgen_small.extend import recall_accuracy, recall_records, write_store
+    from xgen_small.train import train
+    d, tok = p.dir('pretrain') / 'bootstrap', p.tokenizer()
+    cfg = bootstrap_config(p.cfg.pretrain, p.cfg.copy_bootstrap)
+    if p.lead and not (d / 'data' / 'meta.json').exists():
+        write_store(recall_records(tok, int(1.05 * cfg.steps * cfg.batch_size * cfg.seq_len) + 4096, seed=0), tok,
+                    d / 'data')
+    _sync('bootstrap-store')
+    train(cfg, d / 'data', d, progress=p.progress, stage='bootstrap')
+    model, h = load_run(d)[0], read_history(d)
+    return jax.device_get(params_of(model)), dict(
+        steps=cfg.steps, rows=f'{cfg.batch_size} x {cfg.seq_len}', first_loss=h[0]['loss'], final_loss=h[-1]['loss'],
+        recall=recall_accuracy(model, tok, n=64))
+
 def _run_pretrain(p: Pipeline, sums) -> dict:
     from xgen_small.checkpoint import load_run
     from xgen_small.train import train
@@ -375,18 +405,20 @@ def _run_pretrain(p: Pipeline, sums) -> dict:
         if not (d / 'data' / 'meta.json').exists(): _pretrain_store(p, sums['curate']['mixture'])
         (d / 'config.json').write_text(json.dumps(cfg.to_dict(), indent=1))
     _sync('pretrain-store')
+    init, boot = _copy_bootstrap(p) if p.cfg.copy_bootstrap else (None, None)
     branch = cfg.steps - cfg.schedule[-1].steps              # where the last phase (the anneal) begins
     if p.cfg.anneal_ablation:
-        train(cfg, d / 'data', d, steps=branch, progress=p.progress)
+        train(cfg, d / 'data', d, steps=branch, progress=p.progress, init_params=init)
         if p.lead: _branch(d, branch, d / 'no_anneal')
         _sync('pretrain-branch')
-    train(cfg, d / 'data', d, progress=p.progress)
+    train(cfg, d / 'data', d, progress=p.progress, init_params=init)
     h = read_history(d)
     phase_end = {ph: [x['loss'] for x in h if x['phase'] == ph][-1] for ph in dict.fromkeys(x['phase'] for x in h)}
     meta = json.loads((d / 'data' / 'meta.json').read_text())
     out = dict(steps=h[-1]['step'], tokens=int(sum(x['tokens'] for x in h)), store_tokens=meta['n_tokens'],
                first_loss=h[0]['loss'], final_loss=h[-1]['loss'], loss_at_phase_end=phase_end,
                tokens_per_s=float(np.median([x['tokens_per_s'] for x in h if 'tokens_per_s' in x])))
+    if boot: out['copy_bootstrap'] = boot
     if p.cfg.anneal_ablation:
         train(no_anneal(cfg), d / 'data', d / 'no_anneal', progress=p.progress)
         held = [json.loads(l) for l in gzip.open(d / 'held_out.jsonl.gz', 'rt', encoding='utf-8')]
@@ -519,7 +551,8 @@ STAGE_TABLE = (
     Stage(
         'pretrain',
         ('curate', 'tokenizer'),
-        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT),
+        lambda c: dict(c.pretrain.to_dict(), anneal_ablation=c.anneal_ablation, hold_out=HOLD_OUT,
+                       **({'copy_bootstrap': c.copy_bootstrap} if c.copy_bootstrap else {})),
         _run_pretrain,
         _pretrained,
         'token store, then the `broad` -> `anneal` phases (quality annealing)',

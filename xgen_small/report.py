@@ -105,6 +105,11 @@ def _anneal_result(pt: dict) -> str:
     return (f"; held-out {last}-mixture loss {l['anneal'][last]:.3f} with the {last} phase, "
             f"{l['no_anneal'][last]:.3f} without it")
 
+def _bootstrap_result(pt: dict) -> str:
+    "The pre-training row's note on the copy bootstrap (empty when the run had none)."
+    b = pt.get('copy_bootstrap')
+    return f"; after a {b['steps']}-step copy bootstrap (key-value recall {b['recall']:.0%})" if b else ''
+
 def _anneal_table(pt: dict) -> list:
     "The ablation's table: held-out loss under each phase's mixture, for the run with and without its last phase."
     a = pt.get('anneal_ablation')
@@ -150,7 +155,8 @@ def report_markdown(p, sums: dict, figures=()) -> str:
         'curate': f"{cu['lines']:,} documents: {cu['kept']:,} kept, {cu['dropped']:,} dropped",
         'tokenizer': f"{tk['vocab_size']:,} pieces, {tk['bytes_per_token']:.2f} bytes per token",
         'pretrain': f"{pt['steps']} steps, {pt['tokens']:,} tokens, "
-                    f"loss {pt['first_loss']:.2f} -> {pt['final_loss']:.3f}" + _anneal_result(pt),
+                    f"loss {pt['first_loss']:.2f} -> {pt['final_loss']:.3f}"
+                    + _bootstrap_result(pt) + _anneal_result(pt),
         'extend': ', '.join(f"{s['seq_len']:,}: loss {s['loss']:.3f}" for s in ex['stages']),
         'sft': f"right replies {_pct(sf['before']['reply_accuracy']['all'])} -> "
                f"{_pct(sf['after']['reply_accuracy']['all'])}",
