@@ -427,7 +427,7 @@ def _trained(steps_of):
 # pre-training, the first phase's peak learning rate held constant, no weight decay), then pre-trains from those
 # weights. On one device, `xgen-small run --set copy_bootstrap=300` (the `cpu` preset otherwise; 182 s for the
 # bootstrap, which reaches 12% greedy recall): the replies copy their operands (`0 + 2 = 2.`, `1 + 3 = 10.`), right
-# replies to the 64 held-out conversations go from 0% to 34% after SFT (0-2% without it), held-out arithmetic ends
+# replies to the 64 held-out conversations go from 0% to 34% after SFT (0-9% without it), held-out arithmetic ends
 # at 17% after RL (6-14% without it); RL still adds little (14% -> 17%), passkey stays at 0%, and the anneal
 # ablation's gap falls inside its noise (3.904 against 3.928). The stages took 922 s (15.5 minutes with start-up),
 # over the quarter hour the preset is held to, which is why it is off there.
@@ -1190,7 +1190,7 @@ test_eq(len(full_sums['report']['figures']), 4)
 # - **Extension** lowers the loss on long documents at *late* positions far below the pre-trained model's (the
 #   loss-by-position table in `summary.md`): the extended model uses context the pre-trained one cannot.
 # - **SFT** fits its four-domain conversations (loss from about 6.7 to 0.4), but on 64 held-out conversations, whose
-#   questions it never trained on, right replies go only from 0% to 0-2%, and held-out arithmetic from 0% to 6-11%
+#   questions it never trained on, right replies go only from 0% to 0-9%, and held-out arithmetic from 0% to 0-11%
 #   (the 8-device run above, and one-device runs). (Until every generated family was split by question, this line read "0% to about half": the held-out set
 #   shared most of its questions with the training set.)
 # - **DPO** (with the chosen reply's NLL) leaves held-out arithmetic about where SFT left it (9-11%; the pairs'

@@ -191,7 +191,7 @@ test_eq([len(t) for t in out.tokens], [8, 8])
 # NTK bases stopped at 67%), and RL's +10 points on held-out arithmetic (RL leaves it within noise: 11% -> 14% in
 # one run, 9% -> 6% in another). Both need a model that copies from its context, which the main command's 160
 # pre-training steps do not form (notebook 40 shows the replies). `xgen-small run --set copy_bootstrap=300` forms
-# part of it first (notebook 40): replies copy their operands and held-out right replies after SFT go from 0-2% to
+# part of it first (notebook 40): replies copy their operands and held-out right replies after SFT go from 0-9% to
 # 34%, but passkey stays at 0%, RL adds 3 points, and the run takes 15.5 minutes on 2 cores, so the preset leaves
 # it off.
 #
